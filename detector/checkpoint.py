@@ -1,0 +1,81 @@
+"""Checkpoints as plain data, written atomically and read with torch.load(weights_only=True).
+
+A checkpoint holds state dicts, the resolved config, the model's architecture numbers, class names,
+progress counters and RNG states: nothing that needs pickle to run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detector.errors import DetectorError
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`.
+
+    A crash at any point leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` (plain containers, numbers, strings and tensors only) atomically."""
+    atomic_write_bytes(path, lambda file: torch.save(state, file))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint without running any code from it.
+
+    Raises:
+        DetectorError: the file is missing, is not a checkpoint, or holds objects that would need
+            arbitrary code to load (a pickle from an untrusted source, or another trainer's format).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DetectorError(f"checkpoint {path} does not exist: check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DetectorError(f"checkpoint {path} was refused: it holds objects other than plain data "
+                            f"({first_line}); only checkpoints written by this package load") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DetectorError(f"checkpoint {path} is not readable ({err}); is it truncated or not a .pt?") from err
+    if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
+        raise DetectorError(f"checkpoint {path} is not a detector checkpoint (no model/model_args entries)")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

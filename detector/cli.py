@@ -1,0 +1,105 @@
+"""Command line: `detector train|val|predict|convert|help key=value ...` (train.py is `detector train`).
+
+A user mistake prints one line starting with 'error:' and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from detector.config import describe, parse_cli
+from detector.errors import DetectorError
+
+USAGE = """usage: detector train [key=value ...]      train (python train.py is the same)
+       detector val model=best.pt [data=...]  COCO mAP of a checkpoint
+       detector predict model=best.pt source=PATH [conf=0.25 save_dir=DIR]
+       detector convert images=DIR labels=DIR out=FILE.json names=data.yaml   YOLO txt -> COCO JSON
+       detector help                          every setting with its default"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and "=" not in argv[0] else "train"
+    try:
+        return _run(command, argv)
+    except DetectorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: weights/last.pt holds the last finished epoch; continue with resume=true",
+              file=sys.stderr)
+        return 130
+
+
+def _run(command: str, argv: list[str]) -> int:
+    if command in ("help", "-h", "--help"):
+        print(USAGE + "\n\n" + describe())
+        return 0
+    if command == "train":
+        from detector.runs import setup_logging
+        from detector.trainer import train
+
+        setup_logging()
+        train(parse_cli(argv))
+        return 0
+    if command in ("val", "predict"):
+        return _inference(command, argv)
+    if command == "convert":
+        return _convert(argv)
+    raise DetectorError(f"unknown command '{command}': use train, val, predict, convert or help")
+
+
+def _pairs(argv: list[str], allowed: set[str], command: str) -> dict[str, str]:
+    pairs = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in allowed:
+            raise DetectorError(f"'{arg}' is not a {command} argument: expected key=value with key in "
+                                f"{', '.join(sorted(allowed))}")
+        pairs[key] = value
+    return pairs
+
+
+def _inference(command: str, argv: list[str]) -> int:
+    from detector.api import Model
+    from detector.runs import setup_logging
+
+    setup_logging()
+    args = {k: v for k, v in (a.partition("=")[::2] for a in argv)}
+    if "model" not in args:
+        raise DetectorError(f"{command} needs model=<path to a .pt checkpoint>")
+    model = Model(args.pop("model"))
+    if command == "val":
+        model.val(**parse_cli([f"{k}={v}" for k, v in args.items()]))
+        return 0
+    options = _pairs([f"{k}={v}" for k, v in args.items()], {"source", "conf", "iou", "imgsz", "batch",
+                                                              "save_dir", "device"}, command)
+    if "source" not in options:
+        raise DetectorError("predict needs source=<image, folder or glob>")
+    source = options.pop("source")
+    typed = {k: (float(v) if k in ("conf", "iou") else int(v) if k in ("imgsz", "batch") else v)
+             for k, v in options.items()}
+    for result in model.predict(source, **typed):
+        found = ", ".join(f"{label} {score:.2f}" for label, score in zip(result.labels, result.scores, strict=True))
+        logging.getLogger("detector").info("%s: %s", result.path, found or "nothing")
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from detector.data.convert import yolo_to_coco
+
+    args = _pairs(argv, {"images", "labels", "out", "names"}, "convert")
+    missing = {"images", "labels", "out", "names"} - set(args)
+    if missing:
+        raise DetectorError(f"convert needs {', '.join(sorted(missing))}=... (see 'detector help')")
+    names = yaml.safe_load(Path(args["names"]).read_text(encoding="utf-8"))
+    names = names.get("names", names) if isinstance(names, dict) else names
+    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
+    out = yolo_to_coco(Path(args["images"]), Path(args["labels"]), Path(args["out"]), names)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,249 @@
+"""Training settings: cfg/default.yaml + overrides -> one frozen, validated Config.
+
+Layers are merged in order (defaults < data card < checkpoint args < user). Override strings from the
+command line are converted by each field's declared type (never eval); every mistake raises ConfigError
+with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detector.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO_ROOT / "cfg" / "default.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every training setting; cfg/default.yaml documents each one and holds its default."""
+
+    data: str
+    model: str
+    epochs: int
+    time: float
+    imgsz: int
+    batch: float
+    fraction: float
+    device: str
+    workers: int
+    threads: int
+    amp: bool
+    channels_last: bool
+    cache: bool
+    skip_bad_images: bool
+    seed: int
+    deterministic: bool
+    optimizer: str
+    lr0: float
+    lrf: float
+    momentum: float
+    weight_decay: float
+    warmup_epochs: float
+    warmup_momentum: float
+    warmup_bias_lr: float
+    cos_lr: bool
+    nbs: int
+    grad_clip: float
+    ema: bool
+    box: float
+    cls: float
+    dfl: float
+    hsv_h: float
+    hsv_s: float
+    hsv_v: float
+    degrees: float
+    translate: float
+    scale: float
+    shear: float
+    fliplr: float
+    mosaic: float
+    close_mosaic: int
+    val: bool
+    conf: float
+    iou: float
+    max_det: int
+    patience: int
+    project: str
+    name: str
+    exist_ok: bool
+    resume: str
+    plots: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def auto_batch_fraction(self) -> float | None:
+        """The memory fraction AutoBatch should fill, or None for a fixed batch."""
+        if self.batch == -1:
+            return 0.60
+        return self.batch if 0 < self.batch < 1 else None
+
+
+FIELDS = {field.name: field.type for field in dataclasses.fields(Config)}
+
+# Checks beyond the type: key -> (predicate, what is allowed).
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "time": (lambda v: 0 <= v <= 1000, "hours in [0, 1000] (0 = off)"),
+    "imgsz": (lambda v: 32 <= v <= 8192, "an integer from 32 to 8192"),
+    "batch": (lambda v: v == -1 or 0 < v < 1 or (v >= 1 and float(v).is_integer()),
+              "-1 (AutoBatch at 60% memory), a fraction 0 < f < 1 (AutoBatch at that fraction) "
+              "or a whole number >= 1"),
+    "fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "workers": (lambda v: 0 <= v <= 64, "an integer from 0 to 64"),
+    "threads": (lambda v: v >= 0, "an integer >= 0 (0 = one per physical core)"),
+    "optimizer": (lambda v: v in ("auto", "SGD", "AdamW"), "one of auto, SGD, AdamW"),
+    "lr0": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "lrf": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
+    "warmup_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "warmup_bias_lr": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "nbs": (lambda v: v >= 1, "an integer >= 1"),
+    "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "close_mosaic": (lambda v: v >= 0, "an integer >= 0"),
+    "conf": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "iou": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "max_det": (lambda v: v >= 1, "an integer >= 1"),
+    "patience": (lambda v: v >= 0, "an integer >= 0 (0 = never stop early)"),
+    "degrees": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
+    "shear": (lambda v: 0 <= v <= 90, "a number of degrees in [0, 90]"),
+    "name": (lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a folder name without '/'"),
+}
+for _key in ("box", "cls", "dfl"):
+    _CHECKS[_key] = (lambda v: 0 <= v <= 100, "a number in [0, 100]")
+for _key in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "mosaic"):
+    _CHECKS[_key] = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0", ""}
+
+
+def load_defaults() -> dict[str, Any]:
+    """Read cfg/default.yaml as a plain dict."""
+    with open(DEFAULT_YAML, encoding="utf-8") as file:
+        return yaml.safe_load(file)
+
+
+def check_keys(overrides: Mapping[str, Any], source: str = "argument") -> None:
+    """Raise ConfigError for the first key that is not a setting, with the closest valid names."""
+    for key in overrides:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "run 'python train.py help' for the list"
+            raise ConfigError(f"unknown {source} '{key}': {hint}")
+
+
+def make_config(*layers: Mapping[str, Any]) -> Config:
+    """Merge the defaults with each layer in order, convert types, validate, freeze.
+
+    Args:
+        layers: dicts of settings, later ones win (data card, checkpoint args, user overrides).
+
+    Raises:
+        ConfigError: unknown key, wrong type, or value out of range.
+    """
+    merged = load_defaults()
+    for layer in layers:
+        check_keys(layer)
+        merged.update(layer)
+    values = {key: convert(key, merged[key]) for key in FIELDS}
+    for key, (allowed, what) in _CHECKS.items():
+        if not allowed(values[key]):
+            raise ConfigError(f"invalid value {key}={merged[key]!r}: expected {what}")
+    return Config(**values)
+
+
+def convert(key: str, value: Any) -> Any:
+    """Convert one value (a string from the CLI or a Python object) to the type of setting `key`."""
+    kind = FIELDS[key]
+    try:
+        if key == "optimizer":
+            return _optimizer_name(value)
+        if key == "cache":
+            return _bool(value, extra_true={"ram"})
+        if key == "resume":
+            return "" if value in (False, None) or str(value).lower() in _FALSE else str(value)
+        if kind == "bool":
+            return _bool(value)
+        if kind == "int":
+            return _int(value)
+        if kind == "float":
+            number = float(value) if not isinstance(value, bool) else _fail()
+            return number if math.isfinite(number) else _fail()
+        return "" if value is None else str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid value {key}={value!r}: expected {_type_words(key, kind)}") from err
+
+
+def _bool(value: Any, extra_true: set[str] = frozenset()) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in extra_true:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(value)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(str(value).strip())
+
+
+def _optimizer_name(value: Any) -> str:
+    names = {"auto": "auto", "sgd": "SGD", "adamw": "AdamW"}
+    return names.get(str(value).lower(), str(value))
+
+
+def _fail() -> float:
+    raise ValueError("not a finite number")
+
+
+def _type_words(key: str, kind: str) -> str:
+    if key == "cache":
+        return "true, false or ram"
+    return {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "text")
+
+
+def parse_cli(args: list[str]) -> dict[str, str]:
+    """Turn ['key=value', ...] into a dict of strings; values are converted later by make_config."""
+    overrides: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"argument '{arg}' is not key=value (example: epochs=10); "
+                              "run 'python train.py help' for the settings")
+        check_keys({key: value})
+        overrides[key] = value
+    return overrides
+
+
+def describe() -> str:
+    """Every setting with its default and its comment, as cfg/default.yaml documents them."""
+    lines = []
+    pattern = re.compile(r"^(\w+):\s*(.*?)\s*#\s*(.*)$")
+    for line in DEFAULT_YAML.read_text(encoding="utf-8").splitlines():
+        match = pattern.match(line)
+        if match:
+            key, default, comment = match.groups()
+            lines.append(f"  {key:<16} {default:<14} {comment}")
+    return "settings (key=value, default, meaning):\n" + "\n".join(lines)

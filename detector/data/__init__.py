@@ -1,0 +1,1 @@
+"""Datasets: data cards, COCO JSON + images, augmentation and batching."""

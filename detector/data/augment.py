@@ -1,0 +1,153 @@
+"""(image, Target) -> (image, Target) at the training or validation size.
+
+Training: a 4-image mosaic (or one letterboxed image), then albumentations' bbox-aware affine,
+colour jitter and horizontal flip. Validation: letterbox only, with the scale and padding returned
+so predictions map back to the original pixels. Every image is first shrunk so its longest side is
+the training size: the later steps then touch at most (2S)^2 pixels whatever the source size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from detector.data.coco import Target
+
+if TYPE_CHECKING:
+    from detector.data.coco import CocoDataset
+
+logger = logging.getLogger(__name__)
+
+PAD_VALUE = 114
+MIN_VISIBILITY = 0.1  # keep a box while at least 10% of its area is still in the image
+MIN_BOX_SIZE = 2.0  # pixels: smaller boxes after augmentation carry no learnable signal
+
+
+def round_image_size(size: int) -> int:
+    """Rounds an image size up to a multiple of 32 (the largest stride), warning when it changes."""
+    rounded = max(int(math.ceil(int(size) / 32) * 32), 32)
+    if rounded != size:
+        logger.warning("imgsz=%s is not a multiple of 32; using %d", size, rounded)
+    return rounded
+
+
+def resize_longest(image: np.ndarray, boxes_xyxy: np.ndarray, size: int
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Resizes so the longest side is `size` (aspect kept); returns (image, boxes * scale, scale)."""
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    if scale != 1:
+        new_size = (max(round(width * scale), 1), max(round(height * scale), 1))
+        image = cv2.resize(image, new_size, interpolation=cv2.INTER_LINEAR)
+    return image, (boxes_xyxy * scale).astype(np.float32), scale
+
+
+def letterbox(image: np.ndarray, boxes_xyxy: np.ndarray, size: int
+              ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
+    """Fits an image into a size x size square, keeping its aspect, padded with grey 114.
+
+    Args:
+        image: uint8 (H, W, 3).
+        boxes_xyxy: float (N, 4) pixels of `image`.
+        size: Side of the output square.
+
+    Returns:
+        (image uint8 (size, size, 3), boxes float32 (N, 4) with new = old * scale + pad,
+        scale, (pad_x, pad_y)).
+    """
+    resized, boxes, scale = resize_longest(image, boxes_xyxy, size)
+    height, width = resized.shape[:2]
+    pad_x, pad_y = (size - width) // 2, (size - height) // 2
+    out = cv2.copyMakeBorder(resized, pad_y, size - height - pad_y, pad_x, size - width - pad_x,
+                             cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    boxes = boxes + np.array([pad_x, pad_y, pad_x, pad_y], np.float32)
+    return out, boxes.astype(np.float32), scale, (float(pad_x), float(pad_y))
+
+
+def mosaic4(images: list[np.ndarray], targets: list[Target], size: int, center: tuple[int, int]
+            ) -> tuple[np.ndarray, Target]:
+    """Tiles 4 images (longest side <= size) around `center` of a 2S x 2S grey canvas.
+
+    Image 0 goes top-left of the centre, 1 top-right, 2 bottom-left, 3 bottom-right; each is cut
+    where it passes the canvas edge and its boxes are shifted and clipped with it.
+
+    Returns:
+        (canvas uint8 (2S, 2S, 3), Target in canvas pixels; boxes cut to nothing are removed).
+    """
+    canvas = np.full((2 * size, 2 * size, 3), PAD_VALUE, np.uint8)
+    xc, yc = center
+    all_boxes, all_classes = [], []
+    for slot, (image, target) in enumerate(zip(images, targets, strict=True)):
+        height, width = image.shape[:2]
+        x1 = xc - width if slot in (0, 2) else xc
+        y1 = yc - height if slot in (0, 1) else yc
+        # Visible part of the image on the canvas.
+        cx1, cy1 = max(x1, 0), max(y1, 0)
+        cx2, cy2 = min(x1 + width, 2 * size), min(y1 + height, 2 * size)
+        canvas[cy1:cy2, cx1:cx2] = image[cy1 - y1:cy2 - y1, cx1 - x1:cx2 - x1]
+        boxes = target.boxes_xyxy + np.array([x1, y1, x1, y1], np.float32)
+        boxes = np.clip(boxes, [cx1, cy1, cx1, cy1], [cx2, cy2, cx2, cy2])
+        keep = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        all_boxes.append(boxes[keep])
+        all_classes.append(target.classes[keep])
+    return canvas, Target(np.concatenate(all_boxes).astype(np.float32), np.concatenate(all_classes))
+
+
+class TrainTransform:
+    """Training augmentation: mosaic, affine (scale/translate/rotate/shear), HSV jitter, flip."""
+
+    def __init__(self, image_size: int, *, mosaic: float = 1.0, degrees: float = 0.0, translate: float = 0.1,
+                 scale: float = 0.5, shear: float = 0.0, fliplr: float = 0.5, hsv_h: float = 0.015,
+                 hsv_s: float = 0.7, hsv_v: float = 0.4) -> None:
+        """Args are fractions / probabilities as in cfg/default.yaml; image_size is the output side S."""
+        self.image_size = image_size
+        self.mosaic = mosaic
+        bbox_params = A.BboxParams(format="pascal_voc", label_fields=["classes"], clip=True,
+                                   min_visibility=MIN_VISIBILITY, min_width=MIN_BOX_SIZE,
+                                   min_height=MIN_BOX_SIZE)
+        affine = A.Affine(scale=(max(1 - scale, 0.05), 1 + scale), translate_percent=(-translate, translate),
+                          rotate=(-degrees, degrees), shear=(-shear, shear), interpolation=cv2.INTER_LINEAR,
+                          keep_ratio=True,  # one scale for x and y: objects keep their aspect
+                          border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0)
+        tail = [A.HorizontalFlip(p=fliplr)]
+        if hsv_h or hsv_s or hsv_v:
+            # ColorJitter's brightness/saturation factors and hue fraction are the YOLO hsv gains.
+            tail.insert(0, A.ColorJitter(brightness=hsv_v, contrast=0, saturation=hsv_s, hue=hsv_h, p=1.0))
+        # Mosaic canvases are 2S: the affine acts on the whole canvas, then the centre S x S is kept.
+        self._after_mosaic = A.Compose([affine, A.CenterCrop(image_size, image_size), *tail],
+                                       bbox_params=bbox_params)
+        self._single = A.Compose([affine, *tail], bbox_params=bbox_params)
+
+    def __call__(self, dataset: CocoDataset, index: int, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, Target]:
+        """Augments sample `index` (and, for a mosaic, 3 random others) with randomness from `rng`.
+
+        Returns:
+            (image uint8 (S, S, 3) RGB, Target in its pixels).
+        """
+        size = self.image_size
+        if rng.random() < self.mosaic:
+            indices = [index, *rng.integers(0, len(dataset), 3).tolist()]
+            images, targets = [], []
+            for i in indices:
+                image, target, _ = dataset.load(i)
+                image, boxes, _ = resize_longest(image, target.boxes_xyxy, size)
+                images.append(image)
+                targets.append(Target(boxes, target.classes))
+            center = tuple(int(v) for v in rng.integers(size // 2, 3 * size // 2, 2))
+            image, target = mosaic4(images, targets, size, center)
+            pipeline = self._after_mosaic
+        else:
+            image, target, _ = dataset.load(index)
+            image, boxes, _, _ = letterbox(image, target.boxes_xyxy, size)
+            target = Target(boxes, target.classes)
+            pipeline = self._single
+        pipeline.set_random_seed(int(rng.integers(2**31)))
+        out = pipeline(image=image, bboxes=target.boxes_xyxy.reshape(-1, 4), classes=target.classes)
+        boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        return out["image"], Target(boxes, np.asarray(out["classes"], np.int64).reshape(-1))

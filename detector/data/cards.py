@@ -1,0 +1,270 @@
+"""Data card (YAML) -> DataCard: resolved image folders and COCO JSON files, fetched or generated if missing.
+
+A card names a dataset root (`path`, relative to the datasets dir), train/val image folders and
+their COCO JSON files. Keys a card sets that are not card keys (imgsz, epochs, ...) are training
+settings, returned in `settings` for the config to validate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detector.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CARD_KEYS = {"path", "train", "val", "train_json", "val_json", "names", "download", "converter", "generator",
+             "nc"}
+GENERATORS = ("shapes",)
+CONVERTERS = ("yolo",)
+
+
+def cards_dir() -> Path:
+    """The data/ folder of the repository, holding the shipped cards."""
+    return Path(__file__).resolve().parents[2] / "data"
+
+
+@dataclass(frozen=True)
+class DataCard:
+    """A data card with every path resolved.
+
+    Attributes:
+        name: Card name (file stem).
+        root: Dataset root folder.
+        train_images, val_images: Image folders the JSON file_name entries are relative to.
+        train_json, val_json: COCO instances JSON files.
+        names: Class names in category-id order.
+        settings: Training settings the card sets (validated by the caller).
+    """
+
+    name: str
+    root: Path
+    train_images: Path
+    train_json: Path
+    val_images: Path
+    val_json: Path
+    names: list[str]
+    settings: dict = field(default_factory=dict)
+
+
+def datasets_root(datasets_dir: Path | str | None = None) -> Path:
+    """The folder relative dataset paths resolve against: argument, $DETECTOR_DATASETS, or ./datasets."""
+    if datasets_dir is None:
+        datasets_dir = os.environ.get("DETECTOR_DATASETS", "datasets")
+    path = Path(datasets_dir).expanduser().resolve()
+    logger.info("datasets dir: %s", path)
+    return path
+
+
+def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCard:
+    """Resolves a data card, fetching, converting or generating the dataset when it is missing.
+
+    Args:
+        spec: A shipped card name ("coco8" or "coco8.yaml"), a YAML path, or a COCO JSON path.
+        datasets_dir: Folder for relative dataset paths (default $DETECTOR_DATASETS, else ./datasets).
+
+    Returns:
+        The DataCard.
+
+    Raises:
+        DataError: Unknown card, unreadable YAML, bad keys or types, or a dataset that is missing
+            and cannot be fetched (the message says where to put it).
+    """
+    spec_path = Path(spec).expanduser()
+    if spec_path.suffix.lower() == ".json":
+        return _card_from_json(spec_path)
+    card_path = _find_card(spec_path)
+    raw = _read_yaml(card_path)
+    card = _resolve(card_path.stem, raw, datasets_root(datasets_dir))
+    if not _dataset_present(card):
+        _materialize(card, raw)
+    names = card.names or _names_from_json(card.train_json)
+    _check_names(card_path.stem, names, card.train_json)
+    return DataCard(card.name, card.root, card.train_images, card.train_json, card.val_images, card.val_json,
+                    names, card.settings)
+
+
+def _find_card(spec: Path) -> Path:
+    if spec.is_file():
+        return spec
+    name = spec.name if spec.suffix.lower() in (".yaml", ".yml") else f"{spec.name}.yaml"
+    shipped = cards_dir() / name
+    if len(spec.parts) == 1 and shipped.is_file():
+        return shipped
+    available = ", ".join(sorted(p.stem for p in cards_dir().glob("*.yaml")))
+    raise DataError(f"data card {spec} not found: give a YAML or COCO JSON path, or one of: {available}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise DataError(f"cannot read data card {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise DataError(f"data card {path} must be a mapping of keys (path, train, val, ...)")
+    return raw
+
+
+def _get_str(name: str, raw: dict, key: str, default: str | None = None) -> str | None:
+    value = raw.get(key, default)
+    if value is not None and not isinstance(value, str | Path):
+        raise DataError(f"data card {name}: '{key}' must be a string, got {type(value).__name__} {value!r}")
+    return None if value is None else str(value)
+
+
+def _default_json(folder: str) -> str:
+    """images/train2017 -> annotations/instances_train2017.json (the COCO layout)."""
+    return f"annotations/instances_{Path(folder).name}.json"
+
+
+def _resolve(name: str, raw: dict, datasets_dir: Path) -> DataCard:
+    """Card keys -> paths (nothing is checked on disk yet)."""
+    train = _get_str(name, raw, "train")
+    if not train:
+        raise DataError(f"data card {name}: 'train' (training image folder, relative to 'path') is missing")
+    val = _get_str(name, raw, "val") or train
+    root = Path(_get_str(name, raw, "path") or name).expanduser()
+    root = root if root.is_absolute() else datasets_dir / root
+    for key in ("download", "converter", "generator"):
+        _get_str(name, raw, key)
+    if raw.get("converter") not in (None, *CONVERTERS):
+        raise DataError(f"data card {name}: converter {raw['converter']!r} is unknown; use {CONVERTERS}")
+    if raw.get("generator") not in (None, *GENERATORS):
+        raise DataError(f"data card {name}: generator {raw['generator']!r} is unknown; use {GENERATORS}")
+    names = _parse_names(name, raw.get("names"))
+    if raw.get("nc") is not None and names and raw["nc"] != len(names):
+        raise DataError(f"data card {name}: nc={raw['nc']} but 'names' has {len(names)} entries")
+    settings = {k: v for k, v in raw.items() if k not in CARD_KEYS}
+    return DataCard(
+        name=name, root=root,
+        train_images=root / train, train_json=root / _get_str(name, raw, "train_json", _default_json(train)),
+        val_images=root / val, val_json=root / _get_str(name, raw, "val_json", _default_json(val)),
+        names=names, settings=settings)
+
+
+def _parse_names(name: str, names: Any) -> list[str]:
+    """names as a list, or a dict {index: name} with indices 0..C-1."""
+    if names is None:
+        return []
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DataError(f"data card {name}: 'names' keys must be the class indices 0..{len(names) - 1}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not all(isinstance(n, str | int) for n in names):
+        raise DataError(f"data card {name}: 'names' must be a list of class names or a dict index: name")
+    return [str(n) for n in names]
+
+
+def _dataset_present(card: DataCard) -> bool:
+    return all(p.is_dir() for p in (card.train_images, card.val_images)) and all(
+        p.is_file() for p in (card.train_json, card.val_json))
+
+
+def _missing_message(card: DataCard) -> str:
+    return (f"dataset '{card.name}' not found: put the images in {card.train_images} "
+            f"(val: {card.val_images}) "
+            f"and COCO JSON at {card.train_json} (val: {card.val_json}), or set DETECTOR_DATASETS "
+            "to the folder that holds it")
+
+
+def _materialize(card: DataCard, raw: dict) -> None:
+    """Generates, or downloads (and converts), a missing dataset; raises where neither is possible."""
+    if raw.get("generator") == "shapes":
+        from detector.data.shapes import generate_shapes  # lazy: only cards that need it pay for it
+
+        generate_shapes(card.root)
+    elif raw.get("download"):
+        from detector.data.download import download, safe_extract
+
+        card.root.parent.mkdir(parents=True, exist_ok=True)
+        zip_path = card.root.parent / f"{card.name}.zip"
+        try:
+            download(raw["download"], zip_path)
+        except DataError as err:
+            raise DataError(f"{err}. {_missing_message(card)}") from err
+        _unpack(zip_path, card.root, safe_extract)
+        zip_path.unlink(missing_ok=True)
+    if not (card.train_images.is_dir() and card.val_images.is_dir()):
+        raise DataError(_missing_message(card))
+    for images, json_path in ((card.train_images, card.train_json), (card.val_images, card.val_json)):
+        if not json_path.is_file():
+            _convert(card, raw, images, json_path)
+
+
+def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
+    """Unzips next to root, then moves the zip's single top folder (or everything) to root."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        safe_extract(zip_path, staging)
+        entries = [p for p in staging.iterdir() if p.name != "__MACOSX"]
+        source = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(source, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert(card: DataCard, raw: dict, images: Path, json_path: Path) -> None:
+    """Writes the missing COCO JSON from YOLO labels (images/<split> <-> labels/<split>)."""
+    if raw.get("converter") != "yolo":
+        raise DataError(f"{json_path} is missing and card '{card.name}' has no converter; "
+                        f"put the COCO JSON there or add 'converter: yolo' for YOLO labels")
+    if not card.names:
+        raise DataError(f"data card {card.name}: 'names' is needed to convert YOLO labels")
+    from detector.data.convert import yolo_to_coco
+
+    parts = list(images.relative_to(card.root).parts)
+    labels = card.root.joinpath(*["labels" if p == "images" else p for p in parts])
+    if not labels.is_dir():
+        raise DataError(f"{json_path} is missing and there are no YOLO labels at {labels}")
+    yolo_to_coco(images, labels, json_path, card.names)
+
+
+def _names_from_json(json_path: Path) -> list[str]:
+    try:
+        with open(json_path, encoding="utf-8") as file:
+            categories = json.load(file)["categories"]
+        return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"cannot read category names from {json_path}: {err}") from err
+
+
+def _check_names(name: str, names: list[str], json_path: Path) -> None:
+    from_json = _names_from_json(json_path)
+    if len(names) != len(from_json):
+        raise DataError(f"data card {name}: 'names' has {len(names)} classes but {json_path} has "
+                        f"{len(from_json)} categories; fix 'names' or leave it out")
+
+
+def _card_from_json(json_path: Path) -> DataCard:
+    """A bare COCO JSON: train and val are that file; images in ../images/<split> or beside the JSON."""
+    json_path = json_path.resolve()
+    if not json_path.is_file():
+        raise DataError(f"annotation file {json_path} not found")
+    folder = json_path.parent
+    candidates = []
+    if folder.name == "annotations":
+        stem = json_path.stem.removeprefix("instances_")
+        candidates += [folder.parent / "images" / stem, folder.parent / stem, folder.parent / "images"]
+    candidates.append(folder)
+    try:
+        with open(json_path, encoding="utf-8") as file:
+            first = (json.load(file).get("images") or [{}])[0].get("file_name", "")
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        raise DataError(f"annotation file {json_path} is not a COCO instances JSON: {err}") from err
+    # The folder that holds the first image wins; else the first that exists.
+    images = next((c for c in candidates if first and (c / first).is_file()),
+                  next((c for c in candidates if c.is_dir()), folder))
+    root = folder.parent if folder.name == "annotations" else folder
+    names = _names_from_json(json_path)
+    return DataCard(json_path.stem, root, images, json_path, images, json_path, names, {})

@@ -1,0 +1,301 @@
+"""COCO JSON + images -> (image, Target): a dataset indexed 0..N-1 with contiguous class indices.
+
+COCO category ids may have gaps (1..90 for COCO); the dataset maps them to class indices 0..C-1
+(`category_ids[c]` maps back for evaluation). Every image is checked once at construction, so a
+missing or truncated file fails before training starts, never mid-epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools.coco import COCO
+
+from detector.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+EXIF_ORIENTATION = 0x0112
+_SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+_JPEG_EOI = b"\xff\xd9"
+
+
+@dataclass
+class Target:
+    """Boxes of one image.
+
+    Attributes:
+        boxes_xyxy: float32 (N, 4) absolute pixels [x1, y1, x2, y2] of the image they belong to.
+        classes: int64 (N,) contiguous class indices 0..C-1.
+    """
+
+    boxes_xyxy: np.ndarray
+    classes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def empty_target() -> Target:
+    return Target(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))
+
+
+def probe_image(path: Path) -> tuple[int, int]:
+    """Checks that an image file is readable without decoding it fully; returns (height, width).
+
+    The size is the one after EXIF orientation (as cv2.imread returns the image). PIL's verify()
+    does not notice a truncated JPEG, so a JPEG must also end with its end-of-image marker; one
+    that does not (truncated, or trailing bytes) is decoded fully to decide.
+
+    Raises:
+        DataError: The file is missing, empty, not an image or truncated.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path} is empty")
+        with Image.open(path) as image:
+            image.verify()  # must come first: it leaves the file object unusable
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            is_jpeg = image.format == "JPEG"
+        if is_jpeg and not _ends_with_eoi(path):
+            with Image.open(path) as image:
+                image.load()  # raises "image file is truncated"
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+    if orientation in _SWAPPED_ORIENTATIONS:
+        width, height = height, width
+    return height, width
+
+
+def _ends_with_eoi(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(max(path.stat().st_size - 64, 0))
+        tail = file.read()
+    return tail.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decodes an image as uint8 (H, W, 3) RGB; EXIF orientation applied, grey/RGBA made 3-channel."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # IMREAD_COLOR applies EXIF and drops alpha
+    if bgr is None:
+        raise DataError(f"cannot decode image {path}; remove it or set skip_bad_images=true")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _load_json(path: Path) -> dict:
+    """Reads a COCO JSON and checks the structure pycocotools relies on."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except FileNotFoundError as err:
+        raise DataError(f"annotation file {path} not found; check the card's train_json/val_json") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"annotation file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise DataError(f"annotation file {path}: expected a JSON object with images/annotations/categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            problem = "is missing" if key not in data else "is not a list"
+            raise DataError(f"annotation file {path}: '{key}' {problem}; is this a COCO instances file?")
+    _check_records(path, "images", data["images"], {"id": int, "file_name": str})
+    _check_records(path, "categories", data["categories"], {"id": int, "name": str})
+    _check_records(path, "annotations", data["annotations"],
+                   {"image_id": int, "category_id": int, "bbox": list})
+    for index, annotation in enumerate(data["annotations"]):
+        annotation.setdefault("id", index + 1)
+        bbox = annotation["bbox"]
+        if len(bbox) != 4 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
+            raise DataError(f"annotation file {path}: annotations[{index}].bbox must be [x, y, w, h] numbers")
+    return data
+
+
+def _check_records(path: Path, key: str, records: list, fields: dict[str, type]) -> None:
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"annotation file {path}: {key}[{index}] is not an object")
+        for field, kind in fields.items():
+            value = record.get(field)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                problem = ("is missing" if field not in record
+                           else f"is {type(value).__name__}, not {kind.__name__}")
+                raise DataError(f"annotation file {path}: {key}[{index}].{field} {problem}")
+
+
+def _boxes_of(annotations: list[dict], class_of: dict[int, int], height: int, width: int,
+              counts: dict[str, int]) -> Target:
+    """COCO annotations of one image -> Target clipped to (height, width); counts what it drops."""
+    boxes, classes = [], []
+    for annotation in annotations:
+        if annotation.get("iscrowd", 0):
+            counts["crowd"] += 1
+            continue
+        if annotation["category_id"] not in class_of:
+            counts["unknown category"] += 1
+            continue
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+        box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+        # NaN fails both comparisons, so it is dropped with the thin boxes.
+        if not (box[2] - box[0] >= 1 and box[3] - box[1] >= 1 and w > 0 and h > 0):
+            counts["degenerate"] += 1
+            continue
+        boxes.append(box)
+        classes.append(class_of[annotation["category_id"]])
+    if not boxes:
+        return empty_target()
+    return Target(np.asarray(boxes, np.float32), np.asarray(classes, np.int64))
+
+
+class CocoDataset:
+    """Images and boxes of one COCO instances JSON.
+
+    Attributes:
+        names: Class names, indexed by contiguous class index.
+        category_ids: COCO category id of each class index (sorted by id).
+        image_ids: COCO image id of each dataset index.
+        annotation_json: The JSON file (for COCOeval against the original ground truth).
+        max_boxes: Most boxes any image has after filtering.
+    """
+
+    def __init__(self, images_dir: Path | str, annotation_json: Path | str, *, cache: bool = False,
+                 skip_bad_images: bool = False, max_size: int | None = None) -> None:
+        """Parses the JSON and checks every image file.
+
+        Args:
+            images_dir: Folder the JSON's file_name entries are relative to.
+            annotation_json: COCO instances JSON.
+            cache: Keep the decoded images in RAM (decoded once, here).
+            skip_bad_images: Drop missing/unreadable images with a warning instead of raising.
+            max_size: With cache, shrink cached images so their longest side is at most this.
+
+        Raises:
+            DataError: Malformed JSON, or missing/unreadable images without skip_bad_images.
+        """
+        self.images_dir = Path(images_dir)
+        self.annotation_json = Path(annotation_json)
+        data = _load_json(self.annotation_json)
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+        categories = sorted(coco.cats.values(), key=lambda c: c["id"])
+        self.category_ids: list[int] = [c["id"] for c in categories]
+        self.names: list[str] = [c["name"] for c in categories]
+        class_of = {category_id: index for index, category_id in enumerate(self.category_ids)}
+        image_records = self._scan_images(list(coco.imgs.values()), skip_bad_images)
+        counts = {"crowd": 0, "unknown category": 0, "degenerate": 0}
+        self.paths: list[Path] = []
+        self.image_ids: list[int] = []
+        self.sizes: list[tuple[int, int]] = []  # (height, width) of the decoded originals
+        self.targets: list[Target] = []
+        for record, size in image_records:
+            self.paths.append(self.images_dir / record["file_name"])
+            self.image_ids.append(int(record["id"]))
+            self.sizes.append(size)
+            self.targets.append(_boxes_of(coco.imgToAnns.get(record["id"], []), class_of, *size, counts))
+        known = set(coco.imgs)
+        counts["unknown image"] = sum(a["image_id"] not in known for a in data["annotations"])
+        self._warn_dropped(counts)
+        self.max_boxes = max((len(t) for t in self.targets), default=0)
+        self._cache: list[np.ndarray] | None = None
+        if cache:
+            self._cache = [self._decode(i, max_size) for i in range(len(self))]
+        logger.info("%s: %d images, %d boxes, %d classes", self.annotation_json.name, len(self),
+                    sum(len(t) for t in self.targets), len(self.names))
+
+    def _scan_images(self, records: list[dict], skip_bad_images: bool) -> list[tuple[dict, tuple[int, int]]]:
+        """Probes every image; returns (record, (height, width)) of the good ones."""
+        good, bad, resized = [], [], 0
+        for record in records:
+            try:
+                size = probe_image(self.images_dir / record["file_name"])
+            except DataError:
+                bad.append(str(self.images_dir / record["file_name"]))
+                continue
+            stored = (record.get("height"), record.get("width"))
+            resized += None not in stored and stored != size
+            good.append((record, size))
+        if resized:
+            # The decoded image is what the model sees; boxes are clipped to it.
+            logger.warning("%s: %d images have a width/height that differs from the file; using the file's",
+                           self.annotation_json.name, resized)
+        if bad and not skip_bad_images:
+            listed = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise DataError(f"{len(bad)} missing or unreadable images in {self.annotation_json.name}: "
+                            f"{listed}; "
+                            "fix or remove them, or set skip_bad_images=true")
+        if bad:
+            logger.warning("skipping %d missing or unreadable images of %s (first: %s)", len(bad),
+                           self.annotation_json.name, bad[0])
+        return good
+
+    def _warn_dropped(self, counts: dict[str, int]) -> None:
+        dropped = {k: v for k, v in counts.items() if v and k != "crowd"}
+        if dropped:
+            logger.warning("%s: dropped %d boxes (%s)", self.annotation_json.name, sum(dropped.values()),
+                           ", ".join(f"{v} {k}" for k, v in dropped.items()))
+        if counts["crowd"]:
+            logger.info("%s: %d crowd boxes not trained on", self.annotation_json.name, counts["crowd"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _decode(self, index: int, max_size: int | None) -> np.ndarray:
+        image = read_image(self.paths[index])
+        height, width = image.shape[:2]
+        if max_size and max(height, width) > max_size:
+            ratio = max_size / max(height, width)
+            size = (max(round(width * ratio), 1), max(round(height * ratio), 1))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        return image
+
+    def load(self, index: int) -> tuple[np.ndarray, Target, int]:
+        """Returns (image uint8 (H, W, 3) RGB, Target in that image's pixels, COCO image id)."""
+        image = self._cache[index] if self._cache is not None else read_image(self.paths[index])
+        target = self.targets[index]
+        height, width = self.sizes[index]
+        if image.shape[:2] != (height, width):
+            # A cached, shrunk image (or a file that changed since the scan): rescale and clip the boxes.
+            new_height, new_width = image.shape[:2]
+            factor = np.array([new_width / width, new_height / height] * 2, np.float32)
+            boxes = np.clip(target.boxes_xyxy * factor, 0, [new_width, new_height, new_width, new_height])
+            target = Target(boxes.astype(np.float32), target.classes)
+        return image, Target(target.boxes_xyxy.copy(), target.classes.copy()), self.image_ids[index]
+
+    def orig_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of the original image file (post EXIF orientation)."""
+        return self.sizes[index]
+
+    def all_boxes(self, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every box of the dataset, for label statistics.
+
+        Args:
+            image_size: If given, boxes are mapped as letterbox() maps them into an image_size square.
+
+        Returns:
+            boxes_xyxy float32 (N, 4) and classes int64 (N,).
+        """
+        boxes, classes = [], []
+        for (height, width), target in zip(self.sizes, self.targets, strict=True):
+            scaled = target.boxes_xyxy
+            if image_size:
+                scale = min(image_size / height, image_size / width)
+                pad = np.array([(image_size - round(width * scale)) // 2,
+                                (image_size - round(height * scale)) // 2])
+                scaled = scaled * scale + np.tile(pad, 2)
+            boxes.append(scaled)
+            classes.append(target.classes)
+        if not boxes:
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+        return np.concatenate(boxes).astype(np.float32), np.concatenate(classes)

@@ -1,0 +1,174 @@
+"""Samples -> Batch, and the DataLoader that makes them.
+
+Each sample draws its randomness from a generator seeded by (seed, epoch, index), so the batches of
+an epoch are the same whatever the number of workers or the order they run in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from detector.data.augment import TrainTransform, letterbox
+from detector.data.coco import CocoDataset, Target
+
+AUGMENT_KEYS = ("mosaic", "degrees", "translate", "scale", "shear", "fliplr", "hsv_h", "hsv_s", "hsv_v")
+
+
+@dataclass
+class Batch:
+    """A collated batch.
+
+    Attributes:
+        images: uint8 (B, 3, S, S) RGB.
+        targets: float32 (N, 6) rows [batch_index, class, x1, y1, x2, y2] in input pixels.
+        image_ids: int64 (B,) COCO image ids.
+        scales: float32 (B,) letterbox scale (input = original * scale + pad); 1 for training samples.
+        pads: float32 (B, 2) letterbox (pad_x, pad_y); 0 for training samples.
+        orig_sizes: int64 (B, 2) original (height, width).
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    image_ids: torch.Tensor
+    scales: torch.Tensor
+    pads: torch.Tensor
+    orig_sizes: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on `device`."""
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                        for f in fields(self)})
+
+    def pin_memory(self) -> Batch:
+        """Lets DataLoader(pin_memory=True) pin a Batch."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Sample:
+    """One transformed image: image uint8 (S, S, 3) RGB, Target in its pixels, letterbox and origin."""
+
+    image: np.ndarray
+    target: Target
+    image_id: int
+    scale: float
+    pad: tuple[float, float]
+    orig_size: tuple[int, int]
+
+
+class DetectionDataset(Dataset):
+    """A CocoDataset with the training augmentation or the validation letterbox applied."""
+
+    def __init__(self, dataset: CocoDataset, *, train: bool, image_size: int, seed: int = 0,
+                 augment: dict | None = None, mosaic: bool = True, fraction: float = 1.0) -> None:
+        """Args:
+            dataset: The images and boxes.
+            train: Augment (True) or only letterbox (False).
+            image_size: Output side S in pixels.
+            seed: Seed of the augmentation randomness.
+            augment: TrainTransform keyword arguments (keys of AUGMENT_KEYS); others are ignored.
+            mosaic: False switches mosaic off whatever augment says (the last close_mosaic epochs).
+            fraction: Use this leading fraction of a seeded permutation of the images (0 < f <= 1).
+        """
+        self.dataset = dataset
+        self.train = train
+        self.image_size = image_size
+        self.seed = seed
+        options = {k: v for k, v in (augment or {}).items() if k in AUGMENT_KEYS}
+        if not mosaic:
+            options["mosaic"] = 0.0
+        self.transform = TrainTransform(image_size, **options) if train else None
+        count = len(dataset)
+        if fraction < 1.0:
+            order = np.random.default_rng([seed, 7]).permutation(count)
+            self.indices = sorted(order[:max(math.ceil(count * fraction), 1)].tolist())
+        else:
+            self.indices = list(range(count))
+        # Shared memory: persistent workers see set_epoch() of the main process.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch that seeds the augmentation (call before iterating)."""
+        self._epoch[0] = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Sample:
+        index = self.indices[position]
+        if self.transform is not None:
+            rng = np.random.default_rng([self.seed, int(self._epoch[0]), index])
+            image, target = self.transform(self.dataset, index, rng)
+            return Sample(image, target, self.dataset.image_ids[index], 1.0, (0.0, 0.0),
+                          self.dataset.orig_size(index))
+        image, target, image_id = self.dataset.load(index)
+        orig_height, orig_width = self.dataset.orig_size(index)
+        # A cached image may be smaller than the file: the batch maps from the file's pixels.
+        cache_ratio = max(image.shape[:2]) / max(orig_height, orig_width)
+        image, boxes, scale, pad = letterbox(image, target.boxes_xyxy, self.image_size)
+        return Sample(image, Target(boxes, target.classes), image_id, scale * cache_ratio, pad,
+                      (orig_height, orig_width))
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stacks samples into a Batch (see Batch for shapes); targets of all images in one (N, 6) tensor."""
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
+    rows = [np.concatenate([np.full((len(s.target), 1), i, np.float32),
+                            s.target.classes.reshape(-1, 1).astype(np.float32),
+                            s.target.boxes_xyxy.reshape(-1, 4).astype(np.float32)], axis=1)
+            for i, s in enumerate(samples)]
+    return Batch(
+        images=images,
+        targets=torch.from_numpy(np.concatenate(rows) if rows else np.zeros((0, 6), np.float32)),
+        image_ids=torch.tensor([s.image_id for s in samples], dtype=torch.int64),
+        scales=torch.tensor([s.scale for s in samples], dtype=torch.float32),
+        pads=torch.tensor([s.pad for s in samples], dtype=torch.float32).reshape(-1, 2),
+        orig_sizes=torch.tensor([s.orig_size for s in samples], dtype=torch.int64).reshape(-1, 2),
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seeds the libraries a transform might use from torch's per-worker seed (base seed + worker id)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batch_size: int, workers: int,
+                     seed: int = 0, augment: dict | None = None, mosaic: bool = True,
+                     pin_memory: bool = False, sampler: Sampler | None = None, drop_last: bool = False,
+                     fraction: float = 1.0) -> DataLoader:
+    """A DataLoader of Batch objects.
+
+    Args:
+        dataset: The images and boxes.
+        train: Shuffle (unless a sampler is given) and augment; else keep order and letterbox.
+        image_size: Side S of the square inputs (a multiple of 32).
+        batch_size: Images per batch.
+        workers: Worker processes (0: load in the calling process).
+        seed: Seed of the shuffle order and the augmentation.
+        augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
+        mosaic: False turns mosaic off (the last close_mosaic epochs).
+        pin_memory: Pin batches for faster host-to-GPU copies.
+        sampler: E.g. a DistributedSampler; replaces the shuffle.
+        drop_last: Drop a last incomplete batch.
+        fraction: Train on this fraction of the images (seeded choice).
+
+    Returns:
+        The DataLoader; call `loader.dataset.set_epoch(epoch)` before each epoch.
+    """
+    wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=augment,
+                               mosaic=mosaic, fraction=fraction)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(wrapped, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
+                      generator=generator, worker_init_fn=_seed_worker, persistent_workers=workers > 0)

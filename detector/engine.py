@@ -1,0 +1,172 @@
+"""One training epoch and one evaluation pass; the orchestration lives in trainer.py."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from detector.errors import DetectorError
+from detector.optim import ModelEMA, Schedule
+from detector.postprocess import decode, non_max_suppression
+
+logger = logging.getLogger(__name__)
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
+
+
+@dataclass
+class LoopState:
+    """Counters that survive across epochs (and across a resume)."""
+
+    iteration: int = 0          # batches seen since the start of the run
+    last_step: int = 0          # iteration at which the optimizer last stepped
+    bad_steps: int = 0          # consecutive non-finite losses
+    optimizer_steps: int = 0
+
+
+@dataclass
+class StepContext:
+    """What a training step needs besides the batch; built once per run by the trainer."""
+
+    model: nn.Module
+    criterion: object
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+    device: torch.device
+    amp_dtype: torch.dtype | None = None   # None = full precision
+    channels_last: bool = False
+    grad_clip: float = 10.0
+    state: LoopState = field(default_factory=LoopState)
+
+
+def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) in [0, 1] on device; the division runs after the copy."""
+    images = images.to(device, non_blocking=True).float().div_(255)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Forward, loss, backward and, when enough batches are accumulated, an optimizer step + EMA update.
+
+    Returns the detached loss items, or None when the loss was not finite and the batch was skipped.
+
+    Raises:
+        DetectorError: after MAX_BAD_STEPS non-finite losses in a row.
+    """
+    state = ctx.state
+    accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
+    images = prepare_images(images, ctx.device, ctx.channels_last)
+    targets = targets.to(ctx.device, non_blocking=True)
+    with autocast(ctx.device, ctx.amp_dtype):
+        outputs = ctx.model(images)
+        loss, items = ctx.criterion(outputs, targets, images.shape[0])
+    state.iteration += 1
+    if not torch.isfinite(loss):
+        state.bad_steps += 1
+        logger.warning("non-finite loss at iteration %d (%s); batch skipped", state.iteration,
+                       {k: round(float(v), 4) for k, v in items.items()})
+        ctx.optimizer.zero_grad(set_to_none=True)
+        state.last_step = state.iteration
+        if state.bad_steps >= MAX_BAD_STEPS:
+            raise DetectorError(f"{state.bad_steps} non-finite losses in a row: training stopped "
+                                "(try a lower lr0, amp=false, or check the labels)")
+        return None
+    state.bad_steps = 0
+    ctx.scaler.scale(loss).backward()
+    if state.iteration - state.last_step >= accumulate:
+        optimizer_step(ctx)
+    return items
+
+
+def optimizer_step(ctx: StepContext) -> None:
+    ctx.scaler.unscale_(ctx.optimizer)
+    if ctx.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), max_norm=ctx.grad_clip)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.model)
+    ctx.state.last_step = ctx.state.iteration
+    ctx.state.optimizer_steps += 1
+
+
+def memory_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.memory_reserved(device) / 2**30:.2f}G"
+    return f"{psutil.Process().memory_info().rss / 2**30:.2f}G"
+
+
+def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_size: int,
+                    progress: bool = True) -> dict[str, float]:
+    """Train over `loader` once; returns the epoch's mean loss items (loss_box, loss_cls, loss_dfl)."""
+    ctx.model.train()
+    sums: dict[str, float] = {}
+    count = 0
+    bar = tqdm(loader, total=len(loader), disable=not progress, leave=True, dynamic_ncols=True,
+               bar_format="{l_bar}{bar:12}{r_bar}")
+    for batch in bar:
+        items = train_step(ctx, batch.images, batch.targets)
+        if items is None:
+            continue
+        count += 1
+        for key, value in items.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        if progress:
+            means = " ".join(f"{k.removeprefix('loss_')} {v / count:.3f}" for k, v in sums.items())
+            bar.set_description(f"epoch {epoch + 1}/{epochs} mem {memory_text(ctx.device)} {means} "
+                                f"inst {len(batch.targets)} size {image_size}")
+    return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader, *, device: torch.device, category_ids: list[int],
+                   conf: float, iou: float, max_det: int, amp_dtype: torch.dtype | None = None,
+                   channels_last: bool = False, progress: bool = True) -> tuple[list[dict], list[int]]:
+    """Run the model over a validation loader; returns COCO detections (original pixels) and image ids."""
+    model.eval()
+    detections, image_ids = [], []
+    for batch in tqdm(loader, desc="validating", disable=not progress, leave=False, dynamic_ncols=True):
+        images = prepare_images(batch.images, device, channels_last)
+        with autocast(device, amp_dtype):
+            outputs = model(images)
+        boxes, scores = decode([o.float() for o in outputs], model.strides, model.reg_max)
+        results = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+        for i, result in enumerate(results):
+            image_id = int(batch.image_ids[i])
+            image_ids.append(image_id)
+            detections.extend(to_coco(result, batch.scales[i], batch.pads[i], batch.orig_sizes[i],
+                                      image_id, category_ids))
+    return detections, image_ids
+
+
+def to_coco(result, scale: torch.Tensor, pad: torch.Tensor, orig_size: torch.Tensor, image_id: int,
+            category_ids: list[int]) -> list[dict]:
+    """Map one image's detections from letterboxed input pixels back to the original image, COCO style."""
+    boxes = (result.boxes_xyxy.float().cpu() - pad.repeat(2)) / scale
+    height, width = (int(v) for v in orig_size)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    boxes[:, 2:] -= boxes[:, :2]
+    return [
+        {"image_id": image_id, "category_id": category_ids[int(c)],
+         "bbox": [round(float(v), 3) for v in box], "score": round(float(s), 5)}
+        for box, s, c in zip(boxes.tolist(), result.scores.cpu().tolist(), result.classes.cpu().tolist(),
+                             strict=True)
+        if not math.isnan(s)
+    ]

@@ -1,0 +1,277 @@
+"""Pictures of a run: training curves, sample batches with boxes, label statistics, benchmark lines.
+
+Every function writes one PNG atomically (temp file, then rename) and returns its path, so a
+reader never sees half a picture. Matplotlib is imported inside the functions and drives its Agg
+canvas directly, never pyplot: importing this module changes no global backend or state.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Distinct, readable colours (RGB) for up to 20 classes; more classes wrap around.
+PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (0, 0, 128), (128, 128, 128),
+)
+MAX_MOSAIC_SIDE = 1920  # pixels; larger batches are shrunk so the PNG stays quick to open
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas (no pyplot, so no global backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _temp_path(out_path: Path) -> Path:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+
+
+def _save_figure(figure: Figure, out_path: Path) -> Path:
+    """Writes the figure as a PNG at out_path atomically."""
+    out_path = Path(out_path)
+    temp = _temp_path(out_path)
+    try:
+        figure.savefig(temp, format="png")
+        os.replace(temp, out_path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return out_path
+
+
+def _save_image(image_rgb: np.ndarray, out_path: Path) -> Path:
+    """Writes a uint8 (H, W, 3) RGB array as a PNG at out_path atomically."""
+    out_path = Path(out_path)
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {out_path} as PNG")
+    temp = _temp_path(out_path)
+    try:
+        temp.write_bytes(encoded.tobytes())
+        os.replace(temp, out_path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return out_path
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    """Tensors (any device) and array-likes to a numpy array."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _read_columns(csv_path: Path) -> dict[str, np.ndarray]:
+    """The numeric columns of a CSV as float arrays (blank or text cells become NaN)."""
+    with open(csv_path, newline="") as file:
+        rows = list(csv.DictReader(file, skipinitialspace=True))
+    if not rows:
+        return {}
+    columns: dict[str, np.ndarray] = {}
+    for name in rows[0]:
+        values = []
+        for row in rows:
+            try:
+                values.append(float(row[name]))
+            except (TypeError, ValueError):
+                values.append(math.nan)
+        if not np.all(np.isnan(values)):  # a text column, e.g. a timestamp string
+            columns[name.strip()] = np.array(values)
+    return columns
+
+
+def plot_results(csv_path: Path, out_path: Path) -> Path:
+    """Plots every numeric column of a results.csv against its epoch column, one panel each.
+
+    Args:
+        csv_path: results.csv with a header row; an `epoch` column is used as x when present,
+            else the row number.
+        out_path: PNG to write.
+
+    Returns:
+        out_path.
+
+    Raises:
+        ValueError: The CSV has no rows or no numeric column besides epoch.
+    """
+    columns = _read_columns(Path(csv_path))
+    if not columns:
+        raise ValueError(f"{csv_path} has no numeric rows to plot")
+    epochs = columns.pop("epoch", None)
+    if not columns:
+        raise ValueError(f"{csv_path} has no numeric column besides epoch")
+    if epochs is None:
+        epochs = np.arange(1, len(next(iter(columns.values()))) + 1, dtype=float)
+    num_cols = min(5, len(columns))
+    num_rows = math.ceil(len(columns) / num_cols)
+    figure = _new_figure(3.0 * num_cols, 2.4 * num_rows)
+    axes = figure.subplots(num_rows, num_cols, squeeze=False).ravel()
+    for ax, (name, values) in zip(axes, columns.items(), strict=False):
+        ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.5, color="tab:blue")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(columns):]:
+        ax.set_visible(False)
+    figure.suptitle(Path(csv_path).name, fontsize=11)
+    return _save_figure(figure, out_path)
+
+
+def _draw_label(tile: np.ndarray, text: str, x: int, y: int, color: tuple[int, int, int]) -> None:
+    """Writes text on a filled box of `color` just above (x, y), or inside the tile at its top."""
+    font, font_scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
+    (text_w, text_h), baseline = cv2.getTextSize(text, font, font_scale, thickness)
+    top = y - text_h - baseline - 2 if y - text_h - baseline - 2 >= 0 else y
+    x = min(max(x, 0), max(tile.shape[1] - text_w - 2, 0))
+    cv2.rectangle(tile, (x, top), (x + text_w + 2, top + text_h + baseline + 2), color, -1)
+    # Dark text on light colours, white on dark ones, so every label stays legible.
+    ink = (0, 0, 0) if sum(color) > 400 else (255, 255, 255)
+    cv2.putText(tile, text, (x + 1, top + text_h + 1), font, font_scale, ink, thickness, cv2.LINE_AA)
+
+
+def _draw_boxes(tile: np.ndarray, rows: np.ndarray, labels: Sequence[str], scale: float) -> None:
+    """Draws boxes rows (K, 6) [_, class, x1, y1, x2, y2] (pixels before `scale`) on a tile."""
+    for row, label in zip(rows, labels, strict=True):
+        color = PALETTE[int(row[1]) % len(PALETTE)]
+        x1, y1, x2, y2 = (int(round(v * scale)) for v in row[2:6])
+        cv2.rectangle(tile, (x1, y1), (x2, y2), color, 2)
+        _draw_label(tile, label, x1, y1, color)
+
+
+def _box_labels(classes: np.ndarray, names: Sequence[str], scores: np.ndarray | None) -> list[str]:
+    """'name' or 'name 0.87' per box; a class without a name is shown as its number."""
+    labels = [names[int(c)] if 0 <= int(c) < len(names) else str(int(c)) for c in classes]
+    if scores is None:
+        return labels
+    return [f"{label} {score:.2f}" for label, score in zip(labels, scores, strict=True)]
+
+
+def plot_batch(images: Any, targets: Any, names: Sequence[str], out_path: Path, *, max_images: int = 16,
+               scores: Any | None = None) -> Path:
+    """Draws a batch as a mosaic of its images with their boxes and class names.
+
+    Args:
+        images: uint8 (B, 3, H, W) RGB, tensor or array.
+        targets: float (N, 6) rows [batch_index, class, x1, y1, x2, y2] in input pixels.
+        names: Class names indexed by class; a class past the end is shown as its number.
+        out_path: PNG to write.
+        max_images: Draw at most this many images of the batch.
+        scores: Optional (N,) confidences shown after the class names (predictions).
+
+    Returns:
+        out_path.
+    """
+    images = _to_numpy(images)
+    targets = _to_numpy(targets).reshape(-1, 6).astype(np.float64)
+    score_values = None if scores is None else _to_numpy(scores).reshape(-1)
+    num_images = min(len(images), max_images)
+    height, width = images.shape[2:]
+    num_cols = math.ceil(math.sqrt(max(num_images, 1)))
+    num_rows = math.ceil(max(num_images, 1) / num_cols)
+    scale = min(1.0, MAX_MOSAIC_SIDE / (max(num_cols * width, num_rows * height)))
+    tile_h, tile_w = round(height * scale), round(width * scale)
+    mosaic = np.full((num_rows * tile_h, num_cols * tile_w, 3), 114, np.uint8)
+    for index in range(num_images):
+        tile = np.ascontiguousarray(images[index].transpose(1, 2, 0)).astype(np.uint8)
+        tile = cv2.resize(tile, (tile_w, tile_h), interpolation=cv2.INTER_AREA) if scale < 1 else tile.copy()
+        selected = targets[:, 0] == index
+        tile_scores = None if score_values is None else score_values[selected]
+        labels = _box_labels(targets[selected, 1], names, tile_scores)
+        _draw_boxes(tile, targets[selected], labels, scale)
+        cv2.rectangle(tile, (0, 0), (tile_w - 1, tile_h - 1), (255, 255, 255), 1)  # tile border
+        top, left = divmod(index, num_cols)
+        top, left = top * tile_h, left * tile_w
+        mosaic[top:top + tile_h, left:left + tile_w] = tile
+    return _save_image(mosaic, out_path)
+
+
+def plot_labels(classes: Any, boxes_xyxy: Any, image_size: int | tuple[int, int], names: Sequence[str],
+                out_path: Path) -> Path:
+    """Plots the label statistics of a dataset: instances per class, box sizes, box centres.
+
+    Args:
+        classes: int (N,) class indices.
+        boxes_xyxy: float (N, 4) boxes in pixels of images of `image_size`.
+        image_size: Side of the (square) images, or (height, width), in pixels.
+        names: Class names indexed by class.
+        out_path: PNG to write.
+
+    Returns:
+        out_path.
+    """
+    classes = _to_numpy(classes).reshape(-1).astype(np.int64)
+    boxes = _to_numpy(boxes_xyxy).reshape(-1, 4).astype(np.float64)
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    num_classes = max(len(names), int(classes.max()) + 1 if len(classes) else 0)
+    counts = np.bincount(classes, minlength=num_classes)
+    labels = [names[i] if i < len(names) else str(i) for i in range(num_classes)]
+    colors = [np.array(PALETTE[i % len(PALETTE)]) / 255 for i in range(num_classes)]
+    figure = _new_figure(15, 4.5)
+    bars, sizes, centres = figure.subplots(1, 3)
+    bars.bar(range(num_classes), counts, color=colors)
+    bars.set_xticks(range(num_classes), labels, rotation=90 if num_classes > 8 else 0, fontsize=8)
+    bars.set_ylabel("instances")
+    bars.set_title(f"{len(classes)} boxes in {num_classes} classes")
+    box_w, box_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    point_colors = [colors[c] for c in classes] if len(classes) else None
+    sizes.scatter(box_w, box_h, s=6, alpha=0.5, c=point_colors)
+    sizes.set(xlim=(0, width), ylim=(0, height), xlabel="box width (px)", ylabel="box height (px)",
+              title="box sizes")
+    centres.scatter((boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, s=6, alpha=0.5,
+                    c=point_colors)
+    centres.set(xlim=(0, width), ylim=(height, 0), xlabel="x (px)", ylabel="y (px)", title="box centres")
+    for ax in (sizes, centres):
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+    return _save_figure(figure, out_path)
+
+
+def plot_lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
+               out_path: Path, title: str = "") -> Path:
+    """Plots one or more named series against shared x values (for benchmarks).
+
+    Args:
+        x: The x values, one per point.
+        series: Name -> y values, each as long as x (NaN leaves a gap).
+        xlabel: Label of the x axis.
+        ylabel: Label of the y axis.
+        out_path: PNG to write.
+        title: Figure title.
+
+    Returns:
+        out_path.
+
+    Raises:
+        ValueError: A series has a different length from x.
+    """
+    for name, values in series.items():
+        if len(values) != len(x):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(x)} x values")
+    figure = _new_figure(7, 4.5)
+    ax = figure.subplots()
+    for name, values in series.items():
+        ax.plot(x, np.asarray(values, dtype=float), marker="o", markersize=4, linewidth=1.5, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=9)
+    return _save_figure(figure, out_path)

@@ -1,0 +1,73 @@
+"""Run folders, logging to console + file, device and thread choice."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import psutil
+import torch
+
+from detector.errors import ConfigError
+
+logger = logging.getLogger("detector")
+
+
+def make_run_dir(project: str, name: str, exist_ok: bool) -> Path:
+    """project/name, or project/name2, name3, ... so an earlier run is never overwritten."""
+    base = Path(project) / name
+    if exist_ok or not base.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    for index in range(2, 10_000):
+        candidate = base.with_name(f"{name}{index}")
+        if not candidate.exists():
+            candidate.mkdir(parents=True)
+            return candidate
+    raise ConfigError(f"too many run folders named {base}*: pick another name=")
+
+
+def setup_logging(log_file: Path | None = None, verbose: bool = True) -> None:
+    """Console (INFO) and, for a run, the run folder's train.log; safe to call more than once."""
+    root = logging.getLogger("detector")
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    if not any(getattr(h, "_detector_console", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console._detector_console = True
+        root.addHandler(console)
+    for handler in root.handlers:
+        if getattr(handler, "_detector_console", False):
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file_handler)
+
+
+def select_device(spec: str) -> torch.device:
+    """'' -> cuda:0 when available else cpu; 'cpu'; '0' or 'cuda:0' -> that GPU (an error if absent)."""
+    spec = spec.strip().lower()
+    if spec in ("", "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    index = spec.removeprefix("cuda:")
+    if not index.isdigit():
+        raise ConfigError(f"invalid value device={spec!r}: expected '', cpu, a GPU index like 0, or cuda:0")
+    if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device={spec} asked for a GPU, but torch sees {torch.cuda.device_count()} "
+                          "CUDA device(s): use device=cpu or check the CUDA install")
+    return torch.device(f"cuda:{index}")
+
+
+def set_threads(threads: int) -> int:
+    """Torch intra-op threads: one per physical core by default, since SMT siblings slow convolutions."""
+    count = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(count)
+    return count

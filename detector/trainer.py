@@ -1,0 +1,337 @@
+"""Training orchestration: build each stage in data-flow order, then loop over epochs.
+
+data card -> datasets -> model -> loss -> batch plan -> optimizer/schedule/EMA -> loaders -> epochs
+(train_one_epoch, evaluate, results.csv, checkpoints, plots) -> final metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from detector.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from detector.config import Config, load_defaults, make_config
+from detector.data.augment import round_image_size
+from detector.data.cards import DataCard, load_data_card
+from detector.data.coco import CocoDataset
+from detector.data.loader import build_dataloader
+from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
+from detector.errors import ConfigError
+from detector.loss import DetectionLoss
+from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
+from detector.model import Detector, build_model
+from detector.optim import ModelEMA, Schedule, build_optimizer
+from detector.runs import make_run_dir, select_device, set_threads, setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Values derived from the config for this run; logged and saved, never written back into it."""
+
+    device: str
+    threads: int
+    image_size: int
+    batch: int
+    accumulate: int
+    weight_decay: float
+    optimizer: str
+    lr0: float
+    warmup_iters: int
+    amp_dtype: str  # "" = full precision
+
+
+def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | None]:
+    """Merge defaults < data card < checkpoint args (resume) < user overrides.
+
+    Returns the config, the data card and, on resume, the checkpoint to continue from.
+    """
+    select_device(make_config(overrides).device)  # fail on a bad value before any data is touched
+    checkpoint, ckpt_args = None, {}
+    resume = overrides.get("resume")
+    if resume not in (None, False, "", "false", "False"):
+        last = find_last_checkpoint(str(resume), overrides)
+        checkpoint = load_checkpoint(last)
+        ckpt_args = dict(checkpoint["config"], exist_ok=True, resume=str(last))
+        overrides = {k: v for k, v in overrides.items() if k in ("device", "workers", "threads", "epochs")}
+    data_spec = overrides.get("data", ckpt_args.get("data", load_defaults()["data"]))
+    card = load_data_card(str(data_spec))
+    config = make_config(card.settings, ckpt_args, overrides)
+    return config, card, checkpoint
+
+
+def find_last_checkpoint(resume: str, overrides: dict[str, Any]) -> Path:
+    if resume.lower() not in ("true", "1", "yes"):
+        return Path(resume)
+    defaults = load_defaults()
+    run = Path(overrides.get("project", defaults["project"])) / str(overrides.get("name", defaults["name"]))
+    last = run / "weights" / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"resume=true but {last} does not exist: give resume=<path to last.pt>")
+    return last
+
+
+def make_plan(config: Config, device: torch.device, threads: int, train_size: int) -> Plan:
+    image_size = round_image_size(config.imgsz)
+    if config.auto_batch_fraction is not None:
+        batch = min(16, train_size)
+        logger.info("AutoBatch: batch=%g asked for, but AutoBatch is not built yet; using batch %d",
+                    config.batch, batch)
+    else:
+        batch = int(config.batch)
+    # Accumulate up to the nominal batch so the effective batch (and the recipe) does not depend on
+    # the batch that fits; weight decay follows the effective batch.
+    accumulate = max(round(config.nbs / batch), 1)
+    weight_decay = config.weight_decay * batch * accumulate / config.nbs
+    optimizer, lr0 = config.optimizer, config.lr0
+    if optimizer == "auto":
+        optimizer, lr0 = "AdamW", 0.002
+    iters_per_epoch = math.ceil(train_size / batch)
+    warmup_iters = round(config.warmup_epochs * iters_per_epoch)
+    amp_dtype = ""
+    if config.amp and device.type == "cuda":
+        amp_dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return Plan(device=str(device), threads=threads, image_size=image_size, batch=batch, accumulate=accumulate,
+                weight_decay=weight_decay, optimizer=optimizer, lr0=lr0, warmup_iters=warmup_iters,
+                amp_dtype=amp_dtype)
+
+
+def model_args_of(model: Detector) -> dict[str, Any]:
+    return dict(model.model_args)
+
+
+def build_detector(config: Config, num_classes: int, checkpoint: dict | None) -> Detector:
+    """A fresh model of the configured scale, or one initialised from a .pt checkpoint."""
+    if config.model.endswith(".pt"):
+        start = load_checkpoint(config.model)
+        model = Detector(**{**start["model_args"], "num_classes": num_classes})
+        state = {k: v for k, v in start["model"].items() if k in model.state_dict()
+                 and v.shape == model.state_dict()[k].shape}
+        model.load_state_dict(state, strict=False)
+        logger.info("initialised %d/%d tensors from %s", len(state), len(model.state_dict()), config.model)
+    else:
+        model = build_model(config.model, num_classes)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["raw_model"])
+    return model
+
+
+class Trainer:
+    """One training run: set up every stage from the config, then fit()."""
+
+    def __init__(self, overrides: dict[str, Any], progress: bool = True):
+        self.config, self.card, checkpoint = resolve_config(overrides)
+        config = self.config
+        self.progress = progress
+        resuming = checkpoint is not None
+        self.run_dir = Path(config.resume).parents[1] if resuming else make_run_dir(
+            config.project, config.name, config.exist_ok)
+        self.weights_dir = self.run_dir / "weights"
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir / "train.log")
+        self.device = select_device(config.device)
+        threads = set_threads(config.threads)
+        torch.manual_seed(config.seed)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+
+        self.train_data = CocoDataset(self.card.train_images, self.card.train_json, cache=config.cache,
+                                      skip_bad_images=config.skip_bad_images)
+        self.val_data = CocoDataset(self.card.val_images, self.card.val_json,
+                                    skip_bad_images=config.skip_bad_images)
+        self.names = self.train_data.names
+        self.model = build_detector(config, len(self.names), checkpoint).to(self.device)
+        self.plan = make_plan(config, self.device, threads, len(self.train_data))
+        self.criterion = DetectionLoss(num_classes=len(self.names), strides=self.model.strides,
+                                       reg_max=self.model.reg_max, box_gain=config.box,
+                                       cls_gain=config.cls, dfl_gain=config.dfl)
+        self.ctx = self._step_context()
+        self.start_epoch, self.best_fitness, self.rows = 0, -1.0, []
+        if resuming:
+            self._restore(checkpoint)
+        self.ground_truth = load_ground_truth(self.val_data.annotation_json)
+        atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        logger.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in asdict(self.plan).items()))
+
+    def _step_context(self) -> StepContext:
+        config, plan = self.config, self.plan
+        optimizer = build_optimizer(self.model, name=plan.optimizer, lr=plan.lr0, momentum=config.momentum,
+                                    weight_decay=plan.weight_decay)
+        iters_per_epoch = math.ceil(len(self.train_data) / plan.batch)
+        schedule = Schedule(lr0=plan.lr0, lrf=config.lrf, epochs=config.epochs, iters_per_epoch=iters_per_epoch,
+                            warmup_iters=plan.warmup_iters, warmup_bias_lr=config.warmup_bias_lr,
+                            warmup_momentum=config.warmup_momentum, momentum=config.momentum,
+                            accumulate=plan.accumulate, cosine=config.cos_lr)
+        amp_dtype = getattr(torch, plan.amp_dtype) if plan.amp_dtype else None
+        scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
+        return StepContext(model=self.model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
+                           scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
+                           amp_dtype=amp_dtype, channels_last=config.channels_last and self.device.type == "cuda",
+                           grad_clip=config.grad_clip)
+
+    def _restore(self, checkpoint: dict) -> None:
+        self.ctx.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.ctx.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ctx.ema is not None:
+            self.ctx.ema.module.load_state_dict(checkpoint["model"])
+            self.ctx.ema.updates = checkpoint["ema_updates"]
+        self.ctx.state = LoopState(**checkpoint["loop"])
+        self.start_epoch = checkpoint["epoch"]
+        self.best_fitness = checkpoint["best_fitness"]
+        self.rows = list(checkpoint["rows"])
+        set_rng_state(checkpoint["rng"])
+        logger.info("resuming %s from epoch %d", self.run_dir, self.start_epoch + 1)
+
+    def _loader(self, train: bool, mosaic: bool = True):
+        config = self.config
+        augment = {k: getattr(config, k) for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale",
+                                                   "shear", "fliplr", "mosaic")}
+        dataset = self.train_data if train else self.val_data
+        return build_dataloader(dataset, train=train, image_size=self.plan.image_size,
+                                batch_size=self.plan.batch, workers=config.workers, seed=config.seed,
+                                augment=augment, mosaic=mosaic, pin_memory=self.device.type == "cuda",
+                                fraction=config.fraction if train else 1.0)
+
+    def fit(self) -> dict[str, float]:
+        """Train for the remaining epochs; returns the metrics of best.pt on the validation set."""
+        config = self.config
+        epochs = self.ctx.schedule.epochs
+        mosaic = self.start_epoch < self._close_at(epochs) and config.mosaic > 0
+        train_loader = self._loader(True, mosaic=mosaic)
+        val_loader = self._loader(False)
+        if config.plots and self.start_epoch == 0:
+            self._plot_first_batches(train_loader)
+        metrics, stale, epoch, run_start = DetectionMetrics(), 0, self.start_epoch, time.perf_counter()
+        while epoch < epochs:
+            if mosaic and epoch >= self._close_at(epochs):
+                logger.info("closing mosaic for the last %d epochs", epochs - epoch)
+                mosaic, train_loader = False, self._loader(True, mosaic=False)
+            train_loader.dataset.set_epoch(epoch)
+            start = time.perf_counter()
+            losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,
+                                     image_size=self.plan.image_size, progress=self.progress)
+            train_time = time.perf_counter() - start
+            if config.val or epoch == epochs - 1:
+                metrics = self.evaluate(val_loader)
+            improved = metrics.fitness > self.best_fitness
+            self.best_fitness = max(self.best_fitness, metrics.fitness)
+            stale = 0 if improved else stale + 1
+            self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
+            self._save(epoch, improved)
+            epoch += 1
+            if config.time:
+                epochs = self._refit_epochs(epoch, time.perf_counter() - run_start)
+            if config.patience and stale >= config.patience:
+                logger.info("no improvement for %d epochs: stopping early", stale)
+                break
+        return self._finish(val_loader)
+
+    def _close_at(self, epochs: int) -> int:
+        return max(epochs - self.config.close_mosaic, 0)
+
+    def _refit_epochs(self, done: int, elapsed: float) -> int:
+        """Fit the number of epochs to the time budget, and the lr schedule to that number."""
+        per_epoch = elapsed / max(done - self.start_epoch, 1)
+        remaining = self.config.time * 3600 - elapsed
+        epochs = done + max(int(remaining / per_epoch + 0.3), 0)
+        if epochs != self.ctx.schedule.epochs:
+            logger.info("time budget %.2f h: %.1f s per epoch -> %d epochs", self.config.time, per_epoch, epochs)
+            self.ctx.schedule = replace(self.ctx.schedule, epochs=epochs)
+        return epochs
+
+    def evaluate(self, loader) -> DetectionMetrics:
+        model = self.ctx.ema.module if self.ctx.ema is not None else self.model
+        detections, image_ids = predict_loader(
+            model, loader, device=self.device, category_ids=self.val_data.category_ids, conf=self.config.conf,
+            iou=self.config.iou, max_det=self.config.max_det, amp_dtype=self.ctx.amp_dtype,
+            channels_last=self.ctx.channels_last, progress=self.progress)
+        names = dict(zip(self.val_data.category_ids, self.val_data.names, strict=True))
+        metrics = coco_evaluate(self.ground_truth, detections, image_ids, names)
+        logger.info("%-10s %8s %8s %8s %8s", "images", "P", "R", "mAP50", "mAP50-95")
+        logger.info("%-10d %8.3f %8.3f %8.3f %8.3f", len(image_ids), metrics.precision, metrics.recall,
+                    metrics.map50, metrics.map50_95)
+        return metrics
+
+    def _record(self, epoch: int, losses: dict[str, float], metrics: DetectionMetrics, train_time: float,
+                epoch_time: float) -> None:
+        """Append one row to results.csv (rewritten atomically) and redraw results.png."""
+        row = {"epoch": epoch + 1, "time": round(epoch_time, 2), "train_time": round(train_time, 2),
+               **{k: round(v, 5) for k, v in losses.items()},
+               **{k: round(v, 5) for k, v in metrics.as_row().items()},
+               "lr": round(self.ctx.optimizer.param_groups[0]["lr"], 7),
+               "optimizer_steps": self.ctx.state.optimizer_steps}
+        self.rows.append(row)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.run_dir / "results.csv", buffer.getvalue())
+        if self.config.plots:
+            from detector.plots import plot_results
+
+            plot_results(self.run_dir / "results.csv", self.run_dir / "results.png")
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        ema = self.ctx.ema
+        return {
+            "epoch": epoch + 1,
+            "model": (ema.module if ema is not None else self.model).state_dict(),
+            "raw_model": self.model.state_dict(),
+            "ema_updates": ema.updates if ema is not None else 0,
+            "optimizer": self.ctx.optimizer.state_dict(),
+            "scaler": self.ctx.scaler.state_dict(),
+            "loop": asdict(self.ctx.state),
+            "best_fitness": self.best_fitness,
+            "rows": self.rows,
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "plan": asdict(self.plan),
+            "model_args": model_args_of(self.model),
+            "names": list(self.names),
+            "category_ids": list(self.train_data.category_ids),
+        }
+
+    def _save(self, epoch: int, improved: bool) -> None:
+        state = self.checkpoint_state(epoch)
+        save_checkpoint(self.weights_dir / "last.pt", state)
+        if improved:
+            # best.pt is for inference: drop what only resuming needs.
+            inference = {k: v for k, v in state.items() if k not in ("raw_model", "optimizer", "scaler", "rng")}
+            save_checkpoint(self.weights_dir / "best.pt", inference)
+
+    def _finish(self, val_loader) -> dict[str, float]:
+        """Validate best.pt's weights once more and return their metrics."""
+        best = load_checkpoint(self.weights_dir / "best.pt")
+        model = self.ctx.ema.module if self.ctx.ema is not None else self.model
+        model.load_state_dict(best["model"])
+        metrics = self.evaluate(val_loader)
+        result = {**metrics.as_row(), "fitness": metrics.fitness, "epochs_run": len(self.rows),
+                  "run_dir": str(self.run_dir)}
+        logger.info("best.pt (epoch %d): mAP50-95 %.4f mAP50 %.4f; results in %s", best["epoch"],
+                    metrics.map50_95, metrics.map50, self.run_dir)
+        return result
+
+    def _plot_first_batches(self, loader) -> None:
+        from detector.plots import plot_batch, plot_labels
+
+        batch = next(iter(loader))
+        plot_batch(batch.images, batch.targets, self.names, self.run_dir / "train_batch0.jpg")
+        boxes, classes = self.train_data.all_boxes(self.plan.image_size)
+        plot_labels(classes, boxes, self.plan.image_size, self.names, self.run_dir / "labels.png")
+
+
+def train(overrides: dict[str, Any], progress: bool = True) -> dict[str, float]:
+    """Train with defaults < data card < checkpoint (resume) < overrides; returns best.pt's metrics."""
+    setup_logging()
+    return Trainer(overrides, progress=progress).fit()

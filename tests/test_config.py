@@ -1,0 +1,62 @@
+"""Config: defaults mirror the dataclass, overrides are typed, every mistake is one clear ConfigError."""
+
+import pytest
+import yaml
+
+from detector.config import DEFAULT_YAML, FIELDS, describe, make_config, parse_cli
+from detector.errors import ConfigError
+
+
+def test_default_yaml_and_dataclass_have_the_same_keys_and_each_key_a_comment():
+    defaults = yaml.safe_load(DEFAULT_YAML.read_text())
+    assert list(defaults) == list(FIELDS)
+    listed = describe()
+    for key in FIELDS:
+        assert f"  {key} " in listed
+
+
+def test_layers_apply_in_order_and_strings_are_converted_by_type():
+    config = make_config({"epochs": 5, "imgsz": 320}, parse_cli(["epochs=7", "amp=false", "lr0=0.02"]))
+    assert config.epochs == 7 and config.imgsz == 320
+    assert config.amp is False and config.lr0 == 0.02
+    assert make_config({"optimizer": "adamw"}).optimizer == "AdamW"
+
+
+@pytest.mark.parametrize(("batch", "fraction"), [("-1", 0.60), ("0.8", 0.8), ("16", None), ("1", None)])
+def test_batch_semantics(batch, fraction):
+    assert make_config(parse_cli([f"batch={batch}"])).auto_batch_fraction == fraction
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["epoch=3"], ["unknown", "epoch", "did you mean", "epochs"]),
+    (["batch=abc"], ["batch='abc'", "a number"]),
+    (["batch=0"], ["batch='0'", "-1", "fraction"]),
+    (["batch=-2"], ["batch='-2'", "whole number"]),
+    (["batch=1.5"], ["batch='1.5'"]),
+    (["imgsz=-1"], ["imgsz='-1'", "32"]),
+    (["epochs=2.5"], ["epochs='2.5'", "integer"]),
+    (["amp=maybe"], ["amp='maybe'", "true or false"]),
+    (["lr0=nan"], ["lr0='nan'"]),
+    (["optimizer=rmsprop"], ["optimizer='rmsprop'", "SGD"]),
+    (["epochs"], ["not key=value"]),
+])
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(args, words):
+    with pytest.raises(ConfigError) as info:
+        make_config(parse_cli(args))
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_python_values_go_through_the_same_checks():
+    with pytest.raises(ConfigError, match="batch=0"):
+        make_config({"batch": 0})
+    with pytest.raises(ConfigError, match="epochs=True"):
+        make_config({"epochs": True})
+
+
+def test_config_is_frozen():
+    config = make_config()
+    with pytest.raises(AttributeError):
+        config.epochs = 3

@@ -1,0 +1,172 @@
+"""Augmentation keeps boxes on their objects; letterbox maps exactly; the loader is deterministic."""
+
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detector.data.augment import TrainTransform, letterbox, round_image_size
+from detector.data.coco import CocoDataset, Target
+from detector.data.loader import Batch, DetectionDataset, Sample, build_dataloader, collate
+
+# Saturated colours (RGB), far from the dark background and the grey padding (114).
+COLOURS = [(230, 30, 30), (30, 220, 30), (30, 30, 230), (230, 230, 30), (230, 30, 230), (30, 230, 230)]
+BACKGROUND = 20
+
+
+def _colour_dataset(root: Path, count: int = 6) -> CocoDataset:
+    """Images of non-overlapping solid rectangles; class k is always drawn in COLOURS[k]."""
+    rng = np.random.default_rng(1)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        height, width = int(rng.integers(200, 400)), int(rng.integers(200, 400))
+        image = np.full((height, width, 3), BACKGROUND, np.uint8)
+        for slot, cls in enumerate(rng.choice(len(COLOURS), 3, replace=False)):
+            # One rectangle per third of the width, so they never overlap.
+            x1 = int(slot * width / 3 + rng.integers(0, width // 12))
+            w = int(rng.integers(width // 8, width // 4))
+            y1, h = int(rng.integers(0, height // 2)), int(rng.integers(height // 6, height // 2))
+            image[y1:y1 + h, x1:x1 + w] = COLOURS[cls]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls) + 1,
+                                "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0})
+        cv2.imwrite(str(images_dir / f"{image_id}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height})
+    categories = [{"id": k + 1, "name": f"colour{k}"} for k in range(len(COLOURS))]
+    json_path = root / "instances.json"
+    json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return CocoDataset(images_dir, json_path)
+
+
+def _colour_share(image: np.ndarray, box: np.ndarray, colour) -> float:
+    x1, y1, x2, y2 = np.round(box).astype(int)
+    crop = image[y1:y2, x1:x2].astype(np.int32)
+    return float((np.abs(crop - np.array(colour)).max(axis=2) < 40).mean())
+
+
+@pytest.mark.parametrize("mosaic", [1.0, 0.0])
+def test_augmented_boxes_stay_on_their_objects(tmp_path, mosaic):
+    dataset = _colour_dataset(tmp_path)
+    size = 256
+    transform = TrainTransform(size, mosaic=mosaic, degrees=5.0, translate=0.1, scale=0.5, shear=2.0,
+                               fliplr=0.5, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
+    shares = []
+    for seed in range(12):
+        image, target = transform(dataset, seed % len(dataset), np.random.default_rng(seed))
+        assert image.shape == (size, size, 3) and image.dtype == np.uint8
+        assert target.boxes_xyxy.dtype == np.float32 and target.classes.dtype == np.int64
+        assert (target.boxes_xyxy >= 0).all() and (target.boxes_xyxy <= size).all()
+        for box, cls in zip(target.boxes_xyxy, target.classes, strict=True):
+            shares.append(_colour_share(image, box, COLOURS[cls]))
+    assert len(shares) >= 20
+    # Rotation and shear enlarge the box of a rectangle (a thin one rotated 5 degrees covers about
+    # half its box); a box off its object, e.g. mirrored, scores about 0.
+    assert min(shares) > 0.45, shares
+    assert np.median(shares) > 0.7
+
+
+def test_hsv_jitter_changes_colours_but_not_boxes(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    plain = TrainTransform(128, mosaic=0.0, translate=0.0, scale=0.0, fliplr=0.0, hsv_h=0, hsv_s=0, hsv_v=0)
+    jitter = TrainTransform(128, mosaic=0.0, translate=0.0, scale=0.0, fliplr=0.0, hsv_h=0.5, hsv_s=0.7,
+                            hsv_v=0.4)
+    image_a, target_a = plain(dataset, 0, np.random.default_rng(3))
+    image_b, target_b = jitter(dataset, 0, np.random.default_rng(3))
+    np.testing.assert_allclose(target_a.boxes_xyxy, target_b.boxes_xyxy, atol=1e-3)
+    assert np.abs(image_a.astype(int) - image_b.astype(int)).mean() > 5
+
+
+def test_letterbox_maps_boxes_and_back_exactly():
+    image = np.zeros((300, 500, 3), np.uint8)
+    image[100:200, 50:150] = 255
+    boxes = np.array([[50, 100, 150, 200], [0, 0, 500, 300]], np.float32)
+    out, mapped, scale, (pad_x, pad_y) = letterbox(image, boxes, 320)
+    assert out.shape == (320, 320, 3) and scale == pytest.approx(320 / 500)
+    assert pad_x == 0 and pad_y == (320 - 192) // 2
+    np.testing.assert_allclose(mapped, boxes * scale + [pad_x, pad_y, pad_x, pad_y], rtol=0, atol=1e-4)
+    np.testing.assert_allclose((mapped - [pad_x, pad_y, pad_x, pad_y]) / scale, boxes, atol=1e-3)
+    top = int(pad_y)
+    assert (out[:top] == 114).all() and (out[top + 192:] == 114).all()
+    x1, y1, x2, y2 = mapped[0].round().astype(int)
+    assert out[y1 + 2:y2 - 2, x1 + 2:x2 - 2].min() == 255  # the white square is where its box says
+
+
+def test_round_image_size_rounds_up_with_a_warning(caplog):
+    assert round_image_size(640) == 640
+    with caplog.at_level(logging.WARNING):
+        assert round_image_size(100) == 128
+    assert "multiple of 32" in caplog.text
+
+
+def test_collate_shapes_and_dtypes():
+    samples = [
+        Sample(np.zeros((64, 64, 3), np.uint8), Target(np.array([[1, 2, 3, 4]], np.float32), np.array([5])),
+               9, 0.5, (0.0, 8.0), (96, 128)),
+        Sample(np.ones((64, 64, 3), np.uint8), Target(np.zeros((0, 4), np.float32), np.zeros(0, np.int64)),
+               25, 0.25, (4.0, 0.0), (256, 200)),
+        Sample(np.ones((64, 64, 3), np.uint8), Target(np.array([[5, 6, 7, 8], [0, 0, 9, 9]], np.float32),
+                                                      np.array([1, 2])), 30, 1.0, (0.0, 0.0), (64, 64)),
+    ]
+    batch = collate(samples)
+    assert batch.images.shape == (3, 3, 64, 64) and batch.images.dtype == torch.uint8
+    assert batch.targets.shape == (3, 6) and batch.targets.dtype == torch.float32
+    assert batch.targets[:, 0].tolist() == [0, 2, 2] and batch.targets[:, 1].tolist() == [5, 1, 2]
+    assert batch.targets[0, 2:].tolist() == [1, 2, 3, 4]
+    assert batch.image_ids.tolist() == [9, 25, 30] and batch.image_ids.dtype == torch.int64
+    assert batch.scales.dtype == torch.float32 and batch.pads.shape == (3, 2) and batch.pads[1, 0] == 4
+    assert batch.orig_sizes.dtype == torch.int64 and batch.orig_sizes[1].tolist() == [256, 200]
+    moved = batch.to("cpu")
+    assert isinstance(moved, Batch) and len(moved) == 3 and moved.images.dtype == torch.uint8
+    empty = collate(samples[1:2])
+    assert empty.targets.shape == (0, 6)
+
+
+def test_val_loader_letterboxes_coco8(datasets_dir):
+    root = datasets_dir / "coco8"
+    dataset = CocoDataset(root / "images" / "val", root / "annotations" / "instances_val.json")
+    batch = next(iter(build_dataloader(dataset, train=False, image_size=320, batch_size=4, workers=0)))
+    assert batch.images.shape == (4, 3, 320, 320) and len(batch.targets) == 17
+    assert batch.image_ids.tolist() == dataset.image_ids
+    # input = original * scale + pad: the original boxes come back from the batch's targets.
+    first = batch.targets[batch.targets[:, 0] == 0, 2:].numpy()
+    restored = (first - np.tile(batch.pads[0].numpy(), 2)) / batch.scales[0].item()
+    np.testing.assert_allclose(restored, dataset.targets[0].boxes_xyxy, atol=1e-2)
+    assert batch.orig_sizes[0].tolist() == list(dataset.orig_size(0))
+
+
+def test_samples_depend_on_seed_epoch_index_only(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    wrapped = DetectionDataset(dataset, train=True, image_size=128, seed=3)
+    first = wrapped[2]
+    again = wrapped[2]
+    np.testing.assert_array_equal(first.image, again.image)
+    wrapped.set_epoch(1)
+    assert not np.array_equal(wrapped[2].image, first.image)
+
+
+def test_batches_are_the_same_with_any_worker_count(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    batches = []
+    for workers in (0, 2):
+        loader = build_dataloader(dataset, train=True, image_size=128, batch_size=3, workers=workers, seed=5)
+        loader.dataset.set_epoch(2)
+        batches.append([b for b in loader])
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.image_ids, b.image_ids)
+
+
+def test_mosaic_false_uses_one_image_per_sample(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    loader = build_dataloader(dataset, train=True, image_size=128, batch_size=6, workers=0,
+                              augment={"mosaic": 1.0, "scale": 0.0, "translate": 0.0}, mosaic=False)
+    batch = next(iter(loader))
+    for i, image_id in enumerate(batch.image_ids.tolist()):
+        classes = set(batch.targets[batch.targets[:, 0] == i, 1].long().tolist())
+        own = set(dataset.targets[dataset.image_ids.index(image_id)].classes.tolist())
+        assert classes <= own and classes

@@ -1,0 +1,206 @@
+"""Data cards, the YOLO -> COCO converter, downloads from a local server and safe unzipping."""
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.data import cards
+from detector.data.cards import load_data_card
+from detector.data.coco import CocoDataset
+from detector.data.convert import COCO80_NAMES, COCO80_TO_91, yolo_to_coco
+from detector.data.download import check_url, safe_extract
+from detector.errors import DataError
+
+
+def _boxes_by_image(json_path: Path) -> dict[int, list[tuple[int, list[float]]]]:
+    data = json.loads(json_path.read_text())
+    boxes = {image["id"]: [] for image in data["images"]}
+    for annotation in data["annotations"]:
+        boxes[annotation["image_id"]].append((annotation["category_id"], annotation["bbox"]))
+    return {k: sorted(v) for k, v in boxes.items()}
+
+
+def _write_card(card_path: Path, /, **keys) -> Path:
+    card_path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()) + "\n")
+    return card_path
+
+
+def test_shipped_coco8_card_resolves_against_the_datasets_dir(datasets_dir):
+    card = load_data_card("coco8", datasets_dir)
+    assert card == load_data_card("coco8.yaml", datasets_dir)
+    assert card.root == datasets_dir.resolve() / "coco8"
+    assert card.train_images == card.root / "images" / "train"
+    assert card.val_images == card.root / "images" / "val"
+    assert card.train_json.is_file() and card.val_json.is_file()
+    assert card.names == COCO80_NAMES and card.settings == {}
+    coco128 = load_data_card("coco128", datasets_dir)
+    assert coco128.train_json == coco128.val_json == coco128.root / "annotations" / "instances_train2017.json"
+
+
+def test_datasets_dir_comes_from_the_environment(datasets_dir, monkeypatch):
+    monkeypatch.setenv("DETECTOR_DATASETS", str(datasets_dir))
+    assert load_data_card("coco8").root == datasets_dir.resolve() / "coco8"
+
+
+def test_user_card_settings_and_default_json_names(tmp_path, datasets_dir):
+    shutil.copytree(datasets_dir / "coco128", tmp_path / "c128")
+    card = load_data_card(_write_card(tmp_path / "mine.yaml", path="c128", train="images/train2017",
+                                      imgsz=320, epochs=3), tmp_path)
+    assert card.train_json == tmp_path / "c128" / "annotations" / "instances_train2017.json"
+    assert card.val_images == card.train_images  # val defaults to train
+    assert card.settings == {"imgsz": 320, "epochs": 3}
+    assert len(card.names) == 80 and card.names[0] == "person"  # from the JSON's categories
+
+
+def test_bare_coco_json_finds_its_images(datasets_dir):
+    card = load_data_card(datasets_dir / "coco8" / "annotations" / "instances_val.json")
+    assert card.train_images == card.val_images == datasets_dir / "coco8" / "images" / "val"
+    assert card.train_json == card.val_json
+    assert len(CocoDataset(card.val_images, card.val_json)) == 4
+
+
+def test_generator_card_generates_the_missing_dataset(tmp_path, monkeypatch):
+    import detector.data.shapes as shapes
+
+    calls = []
+
+    def fake_generate(root: Path) -> Path:
+        calls.append(root)
+        for split in ("train", "val"):
+            (root / "images" / split).mkdir(parents=True)
+            (root / "annotations").mkdir(exist_ok=True)
+            (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+                {"images": [], "annotations": [], "categories": [{"id": 1, "name": "circle"}]}))
+        return root
+
+    monkeypatch.setattr(shapes, "generate_shapes", fake_generate)
+    card = load_data_card("shapes", tmp_path)
+    assert calls == [tmp_path / "shapes"]
+    assert card.names == ["circle"] and card.settings == {"imgsz": 256}
+
+
+def test_missing_dataset_without_download_names_the_folder(tmp_path):
+    card = _write_card(tmp_path / "gone.yaml", path="gone", train="images/train")
+    with pytest.raises(DataError, match=str(tmp_path / "gone" / "images" / "train")):
+        load_data_card(card, tmp_path)
+
+
+@pytest.mark.parametrize(("keys", "pattern"), [
+    ({"path": "x", "val": "images/val"}, "'train'.*missing"),
+    ({"path": "x", "train": ["a", "b"]}, "'train' must be a string"),
+    ({"path": "x", "train": "images", "converter": "voc"}, "converter 'voc'"),
+    ({"path": "x", "train": "images", "names": {"1": "a"}}, "'names' keys"),
+])
+def test_bad_cards_name_the_card_and_key(tmp_path, keys, pattern):
+    with pytest.raises(DataError, match=rf"data card bad: {pattern}"):
+        load_data_card(_write_card(tmp_path / "bad.yaml", **keys), tmp_path)
+
+
+def test_unreadable_yaml_and_unknown_card(tmp_path):
+    (tmp_path / "broken.yaml").write_text("path: [unclosed\n")
+    with pytest.raises(DataError, match="cannot read data card"):
+        load_data_card(tmp_path / "broken.yaml", tmp_path)
+    with pytest.raises(DataError, match="coco8"):  # the message lists the shipped cards
+        load_data_card("no_such_card", tmp_path)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_converter_reproduces_coco8_annotations(tmp_path, datasets_dir, split):
+    root = datasets_dir / "coco8"
+    out = yolo_to_coco(root / "images" / split, root / "labels" / split, tmp_path / "out.json", COCO80_NAMES)
+    expected = _boxes_by_image(root / "annotations" / f"instances_{split}.json")
+    produced = _boxes_by_image(out)
+    assert produced.keys() == expected.keys()
+    for image_id, boxes in expected.items():
+        assert [c for c, _ in produced[image_id]] == [c for c, _ in boxes]
+        np.testing.assert_allclose([b for _, b in produced[image_id]], [b for _, b in boxes], atol=0.5)
+    categories = json.loads(out.read_text())["categories"]
+    assert [c["id"] for c in categories] == COCO80_TO_91 and not list(tmp_path.glob(".*tmp"))
+
+
+def test_converter_skips_labels_without_images_and_keeps_negatives(tmp_path, datasets_dir):
+    root = datasets_dir / "coco128"
+    out = yolo_to_coco(root / "images" / "train2017", root / "labels" / "train2017", tmp_path / "o.json",
+                       COCO80_NAMES)
+    boxes = _boxes_by_image(out)
+    assert len(boxes) == 128 and sum(len(v) for v in boxes.values()) == 929
+    assert boxes[250] == [] and 656 not in boxes
+
+
+def _zip_folder(zip_path: Path, folder: Path, arcroot: str, skip: str = "annotations") -> None:
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and skip not in path.parts:
+                archive.write(path, f"{arcroot}/{path.relative_to(folder).as_posix()}")
+
+
+def test_download_convert_and_load_from_a_local_server(tmp_path, datasets_dir):
+    served = tmp_path / "served"
+    served.mkdir()
+    _zip_folder(served / "x.zip", datasets_dir / "coco8", "coco8")  # YOLO labels only, like the real zip
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        card_path = _write_card(tmp_path / "dl.yaml", path="dl", train="images/train", val="images/val",
+                                download=f"http://127.0.0.1:{server.server_address[1]}/x.zip",
+                                converter="yolo", names=COCO80_NAMES)
+        card = load_data_card(card_path, tmp_path / "datasets")
+    finally:
+        server.shutdown()
+        thread.join()
+    assert card.root == tmp_path / "datasets" / "dl"
+    assert card.train_json == card.root / "annotations" / "instances_train.json" and card.train_json.is_file()
+    assert not (tmp_path / "datasets" / "dl.zip").exists()
+    train = CocoDataset(card.train_images, card.train_json)
+    assert len(train) == 4 and sum(len(t) for t in train.targets) == 13
+    assert train.category_ids == COCO80_TO_91
+
+
+def test_offline_download_failure_says_where_to_put_the_files(tmp_path):
+    card = _write_card(tmp_path / "off.yaml", path="off", train="images/train",
+                       download=(tmp_path / "nothing.zip").as_uri())
+    folder = tmp_path / "datasets" / "off"
+    with pytest.raises(DataError, match=rf"cannot download.*put the images in {folder}"):
+        load_data_card(card, tmp_path / "datasets")
+
+
+def test_plain_http_to_other_hosts_is_refused():
+    with pytest.raises(DataError, match="https"):
+        check_url("http://example.com/coco8.zip")
+    check_url("https://example.com/coco8.zip")
+    check_url("http://localhost:8000/coco8.zip")
+
+
+@pytest.mark.parametrize("bad_name", ["../escape.txt", "/abs/escape.txt", "ok/../../escape.txt"])
+def test_safe_extract_rejects_entries_outside_the_target(tmp_path, bad_name):
+    zip_path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("fine.txt", "ok")
+        archive.writestr(zipfile.ZipInfo(bad_name), "gotcha")
+    target = tmp_path / "a" / "b"
+    with pytest.raises(DataError, match="outside"):
+        safe_extract(zip_path, target)
+    assert not list(tmp_path.rglob("escape.txt")) and not (target / "fine.txt").exists()
+
+
+def test_safe_extract_bounds_the_uncompressed_size(tmp_path):
+    zip_path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("zeros.bin", b"\0" * 100_000)
+    with pytest.raises(DataError, match="more than"):
+        safe_extract(zip_path, tmp_path / "out", max_bytes=10_000)
+    assert safe_extract(zip_path, tmp_path / "ok").joinpath("zeros.bin").stat().st_size == 100_000
+
+
+def test_cards_dir_holds_the_shipped_cards():
+    assert {p.stem for p in cards.cards_dir().glob("*.yaml")} >= {"coco8", "coco128", "shapes"}

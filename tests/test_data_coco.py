@@ -1,0 +1,187 @@
+"""CocoDataset: real coco8/coco128 quirks and synthetic broken annotation files and images."""
+
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from detector.data.coco import CocoDataset
+from detector.errors import DataError
+
+
+def _json_counts(path: Path) -> dict[int, int]:
+    data = json.loads(path.read_text())
+    counts = {image["id"]: 0 for image in data["images"]}
+    for annotation in data["annotations"]:
+        counts[annotation["image_id"]] += 1
+    return counts
+
+
+def _write_dataset(root: Path, annotations: list[dict], sizes=((60, 80), (50, 40))) -> tuple[Path, Path]:
+    """Images 1..len(sizes) of (height, width) and a COCO JSON with two categories (ids 3 and 7)."""
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True)
+    images = []
+    for image_id, (height, width) in enumerate(sizes, 1):
+        cv2.imwrite(str(images_dir / f"{image_id}.jpg"), np.full((height, width, 3), 90, np.uint8))
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": width, "height": height})
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]}
+    json_path = root / "instances.json"
+    json_path.write_text(json.dumps(data))
+    return images_dir, json_path
+
+
+def _ann(image_id: int, bbox: list[float], category_id: int = 3, **extra) -> dict:
+    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_coco8_loads_with_the_json_box_counts(datasets_dir, split):
+    root = datasets_dir / "coco8"
+    dataset = CocoDataset(root / "images" / split, root / "annotations" / f"instances_{split}.json")
+    expected = _json_counts(root / "annotations" / f"instances_{split}.json")
+    assert len(dataset) == 4
+    for index in range(len(dataset)):
+        image, target, image_id = dataset.load(index)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert len(target.boxes_xyxy) == expected[image_id]
+        assert target.boxes_xyxy.dtype == np.float32 and target.classes.dtype == np.int64
+        height, width = image.shape[:2]
+        assert (target.boxes_xyxy[:, 2] <= width).all() and (target.boxes_xyxy[:, 3] <= height).all()
+    assert dataset.max_boxes == max(expected.values())
+
+
+def test_class_indices_round_trip_to_coco_category_ids(datasets_dir):
+    root = datasets_dir / "coco8"
+    json_path = root / "annotations" / "instances_val.json"
+    dataset = CocoDataset(root / "images" / "val", json_path)
+    data = json.loads(json_path.read_text())
+    assert dataset.category_ids == sorted(c["id"] for c in data["categories"])
+    assert dataset.names[0] == "person" and dataset.names[79] == "toothbrush"
+    assert dataset.category_ids[79] == 90
+    for index in range(len(dataset)):
+        _, target, image_id = dataset.load(index)
+        expected = sorted(a["category_id"] for a in data["annotations"] if a["image_id"] == image_id)
+        assert sorted(dataset.category_ids[c] for c in target.classes) == expected
+
+
+def test_coco128_quirks(datasets_dir):
+    root = datasets_dir / "coco128"
+    dataset = CocoDataset(root / "images" / "train2017", root / "annotations" / "instances_train2017.json")
+    assert len(dataset) == 128
+    assert sum(len(dataset.load(i)[1]) for i in range(len(dataset))) == 929
+    negatives = [dataset.image_ids[i] for i in range(len(dataset)) if len(dataset.targets[i]) == 0]
+    assert sorted(negatives) == [250, 508]
+    image, _, _ = dataset.load(dataset.image_ids.index(86))  # the grayscale JPEG
+    assert image.shape == (640, 512, 3)
+
+
+def test_boxes_are_clipped_and_degenerate_ones_dropped_with_one_warning(tmp_path, caplog):
+    annotations = [
+        _ann(1, [70, 10, 30, 20]),  # runs past the right edge (width 80): clipped to x2 = 80
+        _ann(1, [10, 10, -5, 20]),  # negative width
+        _ann(1, [79.5, 10, 10, 10]),  # 0.5 px wide after clipping
+        _ann(2, [5, 5, 10, 10], category_id=99),  # unknown category
+        _ann(2, [1, 1, 10, 10], iscrowd=1),  # crowd: not trained on, not a warning
+        _ann(2, [2, 3, 10, 20], category_id=7),
+    ]
+    images_dir, json_path = _write_dataset(tmp_path, annotations)
+    with caplog.at_level(logging.WARNING, logger="detector.data.coco"):
+        dataset = CocoDataset(images_dir, json_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "dropped 3 boxes" in warnings[0]
+    assert "2 degenerate" in warnings[0] and "1 unknown category" in warnings[0]
+    np.testing.assert_allclose(dataset.targets[0].boxes_xyxy, [[70, 10, 80, 30]])
+    np.testing.assert_allclose(dataset.targets[1].boxes_xyxy, [[2, 3, 12, 23]])
+    assert dataset.targets[1].classes.tolist() == [1]  # id 7 is the second of the sorted ids (3, 7)
+    assert dataset.names == ["dog", "cat"] and dataset.category_ids == [3, 7]
+
+
+def test_json_missing_images_raises_naming_the_file(tmp_path):
+    json_path = tmp_path / "broken.json"
+    json_path.write_text(json.dumps({"annotations": [], "categories": []}))
+    with pytest.raises(DataError, match=r"broken\.json.*'images' is missing"):
+        CocoDataset(tmp_path, json_path)
+
+
+def test_annotation_with_wrong_bbox_type_raises(tmp_path):
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, "10 10 5 5")])
+    with pytest.raises(DataError, match=r"annotations\[0\]\.bbox"):
+        CocoDataset(images_dir, json_path)
+
+
+def test_missing_image_is_listed(tmp_path):
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [1, 1, 5, 5])])
+    (images_dir / "2.jpg").unlink()
+    with pytest.raises(DataError, match=r"1 missing or unreadable.*2\.jpg"):
+        CocoDataset(images_dir, json_path)
+
+
+def test_truncated_jpeg_is_caught_at_scan_or_skipped(tmp_path, caplog):
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(2, [1, 1, 5, 5])],
+                                           sizes=((120, 160), (120, 160)))
+    noisy = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    cv2.imwrite(str(images_dir / "2.jpg"), noisy)
+    data = (images_dir / "2.jpg").read_bytes()
+    (images_dir / "2.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"2\.jpg"):
+        CocoDataset(images_dir, json_path)
+    with caplog.at_level(logging.WARNING):
+        dataset = CocoDataset(images_dir, json_path, skip_bad_images=True)
+    assert dataset.image_ids == [1]
+    assert any("skipping 1 missing or unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_cache_shrinks_images_and_scales_boxes(tmp_path):
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [40, 20, 40, 40])])
+    dataset = CocoDataset(images_dir, json_path, cache=True, max_size=40)
+    image, target, _ = dataset.load(0)
+    assert image.shape == (30, 40, 3)
+    np.testing.assert_allclose(target.boxes_xyxy, [[20, 10, 40, 30]])
+    assert dataset.orig_size(0) == (60, 80)
+
+
+def test_rgba_png_becomes_rgb(tmp_path):
+    images_dir, json_path = _write_dataset(tmp_path, [])
+    rgba = np.zeros((60, 80, 4), np.uint8)
+    rgba[..., 2] = 255  # red in BGR(A)
+    rgba[..., 3] = 128
+    cv2.imwrite(str(images_dir / "1.png"), rgba)
+    data = json.loads(json_path.read_text())
+    data["images"][0]["file_name"] = "1.png"
+    json_path.write_text(json.dumps(data))
+    image, target, _ = CocoDataset(images_dir, json_path).load(0)
+    assert image.shape == (60, 80, 3) and tuple(image[0, 0]) == (255, 0, 0)
+    assert len(target) == 0
+
+
+def test_stored_size_that_disagrees_with_the_file_is_replaced(tmp_path, caplog):
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [60, 40, 100, 100])])
+    data = json.loads(json_path.read_text())
+    data["images"][0].update(width=800, height=600)  # the file is 80 x 60
+    json_path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        dataset = CocoDataset(images_dir, json_path)
+    assert "differs from the file" in caplog.text
+    assert dataset.orig_size(0) == (60, 80)
+    np.testing.assert_allclose(dataset.load(0)[1].boxes_xyxy, [[60, 40, 80, 60]])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    images_dir, json_path = _write_dataset(tmp_path, [], sizes=((60, 80),))
+    pixels = np.zeros((60, 80, 3), np.uint8)
+    pixels[:, :40] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    Image.fromarray(pixels).save(images_dir / "1.jpg", exif=exif.tobytes())
+    dataset = CocoDataset(images_dir, json_path)
+    image, _, _ = dataset.load(0)
+    assert image.shape == (80, 60, 3) and dataset.orig_size(0) == (80, 60)
+    assert image[:30].mean() > 200 and image[50:].mean() < 50  # the white half is now on top
