@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from detector.data.coco import CocoDataset
-from detector.data.loader import build_dataloader
+from detector.data.loader import build_dataloader, set_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def images_per_second(dataset: CocoDataset, *, train: bool, image_size: int, pas
     loader = build_dataloader(dataset, train=train, image_size=image_size, batch_size=4, workers=0)
     rates = []
     for epoch in range(passes + 1):
-        loader.dataset.set_epoch(epoch)
+        set_epoch(loader, epoch)
         start = time.perf_counter()
         count = sum(len(batch) for batch in loader)
         if epoch:  # the first pass warms caches (file system, albumentations, cv2 threads)

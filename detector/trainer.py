@@ -23,7 +23,7 @@ from detector.config import Config, load_defaults, make_config
 from detector.data.augment import round_image_size
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
-from detector.data.loader import build_dataloader
+from detector.data.loader import build_dataloader, set_epoch
 from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
 from detector.errors import ConfigError
 from detector.loss import DetectionLoss
@@ -212,21 +212,22 @@ class Trainer:
         val_loader = self._loader(False)
         if config.plots and self.start_epoch == 0:
             self._plot_first_batches(train_loader)
-        metrics, stale, epoch, run_start = DetectionMetrics(), 0, self.start_epoch, time.perf_counter()
+        stale, epoch, run_start = 0, self.start_epoch, time.perf_counter()
         while epoch < epochs:
             if mosaic and epoch >= self._close_at(epochs):
                 logger.info("closing mosaic for the last %d epochs", epochs - epoch)
                 mosaic, train_loader = False, self._loader(True, mosaic=False)
-            train_loader.dataset.set_epoch(epoch)
+            set_epoch(train_loader, epoch)
             start = time.perf_counter()
             losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,
                                      image_size=self.plan.image_size, progress=self.progress)
             train_time = time.perf_counter() - start
+            metrics, improved = None, False
             if config.val or epoch == epochs - 1:
                 metrics = self.evaluate(val_loader)
-            improved = metrics.fitness > self.best_fitness
-            self.best_fitness = max(self.best_fitness, metrics.fitness)
-            stale = 0 if improved else stale + 1
+                improved = metrics.fitness > self.best_fitness
+                self.best_fitness = max(self.best_fitness, metrics.fitness)
+                stale = 0 if improved else stale + 1
             self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
             self._save(epoch, improved)
             epoch += 1
@@ -263,12 +264,16 @@ class Trainer:
                     metrics.map50, metrics.map50_95)
         return metrics
 
-    def _record(self, epoch: int, losses: dict[str, float], metrics: DetectionMetrics, train_time: float,
+    def _record(self, epoch: int, losses: dict[str, float], metrics: DetectionMetrics | None, train_time: float,
                 epoch_time: float) -> None:
-        """Append one row to results.csv (rewritten atomically) and redraw results.png."""
+        """Append one row to results.csv (rewritten atomically) and redraw results.png.
+
+        An epoch without validation leaves its metric cells blank.
+        """
+        measured = metrics.as_row() if metrics is not None else dict.fromkeys(DetectionMetrics().as_row(), "")
         row = {"epoch": epoch + 1, "time": round(epoch_time, 2), "train_time": round(train_time, 2),
                **{k: round(v, 5) for k, v in losses.items()},
-               **{k: round(v, 5) for k, v in metrics.as_row().items()},
+               **{k: v if v == "" else round(v, 5) for k, v in measured.items()},
                "lr": round(self.ctx.optimizer.param_groups[0]["lr"], 7),
                "optimizer_steps": self.ctx.state.optimizer_steps}
         self.rows.append(row)

@@ -11,7 +11,7 @@ import torch
 
 from detector.data.augment import TrainTransform, letterbox, round_image_size
 from detector.data.coco import CocoDataset, Target
-from detector.data.loader import Batch, DetectionDataset, Sample, build_dataloader, collate
+from detector.data.loader import Batch, DetectionDataset, Sample, build_dataloader, collate, set_epoch
 
 # Saturated colours (RGB), far from the dark background and the grey padding (114).
 COLOURS = [(230, 30, 30), (30, 220, 30), (30, 30, 230), (230, 230, 30), (230, 30, 230), (30, 230, 230)]
@@ -154,11 +154,26 @@ def test_batches_are_the_same_with_any_worker_count(tmp_path):
     batches = []
     for workers in (0, 2):
         loader = build_dataloader(dataset, train=True, image_size=128, batch_size=3, workers=workers, seed=5)
-        loader.dataset.set_epoch(2)
+        set_epoch(loader, 2)
         batches.append([b for b in loader])
     for a, b in zip(*batches, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
         assert torch.equal(a.image_ids, b.image_ids)
+
+
+def test_order_of_an_epoch_depends_on_seed_and_epoch_not_on_earlier_epochs(tmp_path):
+    # What resume relies on: a fresh loader at epoch 1 gives what a loader that already ran epoch 0 gives.
+    dataset = _colour_dataset(tmp_path)
+
+    def order(loader, epoch):
+        set_epoch(loader, epoch)
+        return [i for batch in loader for i in batch.image_ids.tolist()]
+
+    used = build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=0, seed=5)
+    first, second = order(used, 0), order(used, 1)
+    fresh = build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=0, seed=5)
+    assert order(fresh, 1) == second != first
+    assert sorted(first) == sorted(second) == sorted(dataset.image_ids)
 
 
 def test_mosaic_false_uses_one_image_per_sample(tmp_path):

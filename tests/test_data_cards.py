@@ -61,7 +61,8 @@ def test_user_card_settings_and_default_json_names(tmp_path, datasets_dir):
 
 def test_bare_coco_json_finds_its_images(datasets_dir):
     card = load_data_card(datasets_dir / "coco8" / "annotations" / "instances_val.json")
-    assert card.train_images == card.val_images == datasets_dir / "coco8" / "images" / "val"
+    # Paths come back resolved, whether DETECTOR_DATASETS was given relative or absolute.
+    assert card.train_images == card.val_images == (datasets_dir / "coco8" / "images" / "val").resolve()
     assert card.train_json == card.val_json
     assert len(CocoDataset(card.val_images, card.val_json)) == 4
 

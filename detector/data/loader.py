@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from detector.data.augment import TrainTransform, letterbox
 from detector.data.coco import CocoDataset, Target
@@ -159,16 +159,27 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
         mosaic: False turns mosaic off (the last close_mosaic epochs).
         pin_memory: Pin batches for faster host-to-GPU copies.
-        sampler: E.g. a DistributedSampler; replaces the shuffle.
+        sampler: E.g. a DistributedSampler of several ranks; training defaults to a one-rank one.
         drop_last: Drop a last incomplete batch.
         fraction: Train on this fraction of the images (seeded choice).
 
     Returns:
-        The DataLoader; call `loader.dataset.set_epoch(epoch)` before each epoch.
+        The DataLoader; call `set_epoch(loader, epoch)` before each epoch.
     """
     wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=augment,
                                mosaic=mosaic, fraction=fraction)
+    if sampler is None and train:
+        # The order of an epoch depends on (seed, epoch) alone, so a resumed run sees the same batches
+        # as an uninterrupted one. One replica of rank 0 is the single-process case of DDP's sampler.
+        sampler = DistributedSampler(wrapped, num_replicas=1, rank=0, shuffle=True, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(wrapped, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
-                      generator=generator, worker_init_fn=_seed_worker, persistent_workers=workers > 0)
+    return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
+                      persistent_workers=workers > 0)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Select the epoch that seeds a loader's shuffle order and augmentation (call before iterating it)."""
+    loader.dataset.set_epoch(epoch)
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)

@@ -1,0 +1,99 @@
+"""End-to-end training on tiny generated shapes: learning, resume, API/CLI parity, checkpoint round trip."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from detector import Model
+from detector.checkpoint import load_checkpoint
+from detector.data.shapes import generate_shapes
+from detector.trainer import Trainer, train
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A 16-image shapes set whose val split is its train split, and a very small model scale."""
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes(root / "shapes", seed=3, num_train=16, num_val=4, image_size=128)
+    card = root / "tiny.yaml"
+    card.write_text(yaml.safe_dump({
+        "path": str(root / "shapes"), "train": "images/train", "val": "images/train",
+        "train_json": "annotations/instances_train.json", "val_json": "annotations/instances_train.json"}))
+    scale = root / "tiny_model.yaml"
+    scale.write_text(yaml.safe_dump({"scale": "tiny", "depth": 0.33, "width": 0.125, "max_channels": 256}))
+    return {"data": str(card), "model": str(scale)}
+
+
+def settings(tiny_setup, tmp_path, **extra):
+    base = dict(tiny_setup, imgsz=128, batch=8, workers=0, project=str(tmp_path), name="run", plots=False,
+                mosaic=0.0, close_mosaic=0, warmup_epochs=0.5, nbs=8)
+    return {**base, **extra}
+
+
+def test_tiny_model_overfits_a_handful_of_images(tiny_setup, tmp_path):
+    # 16 images in batches of 4 for 100 epochs: 400 optimizer steps; far fewer and BatchNorm's running
+    # statistics (momentum 0.03) have not settled, so eval-mode scores lag the training-mode ones.
+    metrics = train(settings(tiny_setup, tmp_path, epochs=100, batch=4, nbs=4, lr0=0.006, optimizer="AdamW", val=False,
+                             fliplr=0.0, scale=0.0, translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0), progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
+    losses = [float(r["train/loss_cls"]) + float(r["train/loss_box"]) for r in rows]
+    assert losses[-1] < 0.5 * losses[0]
+    assert metrics["metrics/mAP50"] >= 0.8
+    # Without per-epoch validation, the only validated epoch (the last) is the best one.
+    assert load_checkpoint(tmp_path / "run" / "weights" / "best.pt")["epoch"] == 100
+
+
+def final_weights(run_dir):
+    return load_checkpoint(run_dir / "weights" / "last.pt")["raw_model"]
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_path, monkeypatch):
+    args = settings(tiny_setup, tmp_path, epochs=3, val=False)
+    train({**args, "name": "straight"}, progress=False)
+
+    original_save = Trainer._save
+
+    def save_then_die(self, epoch, improved):
+        original_save(self, epoch, improved)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train({**args, "name": "broken"}, progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "broken" / "weights" / "last.pt")["epoch"] == 1
+    train({"resume": True, "project": str(tmp_path), "name": "broken"}, progress=False)
+
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "broken")
+    for key, value in straight.items():
+        assert torch.allclose(value.float(), resumed[key].float(), atol=1e-6), key
+    rows = list(csv.DictReader(open(tmp_path / "broken" / "results.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tiny_setup, tmp_path):
+    args = settings(tiny_setup, tmp_path, epochs=2)
+    model = Model(args.pop("model"))
+    api_metrics = model.train(**{**args, "name": "api"})
+    cli_args = [f"{k}={v}" for k, v in {**args, "model": tiny_setup["model"], "name": "cli"}.items()]
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *cli_args], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    api_rows = list(csv.DictReader(open(tmp_path / "api" / "results.csv")))
+    cli_rows = list(csv.DictReader(open(tmp_path / "cli" / "results.csv")))
+    for key in ("train/loss_box", "train/loss_cls", "metrics/mAP50-95"):
+        assert [r[key] for r in api_rows] == [r[key] for r in cli_rows]
+
+    best = tmp_path / "api" / "weights" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    assert "optimizer" not in state and state["names"] == ["circle", "rectangle", "triangle", "star"]
+    again = Model(str(best)).val(data=args["data"], workers=0)
+    assert again["metrics/mAP50-95"] == pytest.approx(api_metrics["metrics/mAP50-95"], abs=1e-6)
+    for name in ("args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "train.log"):
+        assert (tmp_path / "api" / name).is_file()
