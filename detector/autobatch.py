@@ -1,0 +1,410 @@
+"""AutoBatch: measure real training steps at a few batch sizes, fit memory, choose, verify.
+
+No knowledge of datasets or models: it is given `step(b)`, one real training step at batch b (built by
+detector/autobatch_step.py), and a memory probe (detector/memory.py). It warms up at the start batch
+(cudnn.benchmark, allocator pools, optimizer state); samples b = start, 2*start, ... until a step runs
+out of memory, passes the budget (fraction * capacity), would pass max_batch or the time budget, or
+(measuring throughput, the CPU case) stops raising images/s by more than 5%; fits peak = fixed +
+per_image * b by least squares; chooses the largest batch whose predicted peak fits (capped at
+max_batch, rounded down to a multiple of 8 from 16 up), or when measuring throughput the smallest
+sampled batch within 5% of the best images/s that fits; and verifies the choice with one real step,
+backing off while it does not fit. Bytes everywhere; the log line says GiB (2**30 bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from detector.errors import DetectorError
+from detector.memory import MemoryProbe
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+MIN_R2 = 0.95  # below this the line does not describe the samples and its prediction is not trusted
+VERIFY_TOLERANCE = 1.03  # a verified peak may pass the budget by 3% (the budget is a fraction, not the wall)
+MAX_BACK_OFFS = 3
+FIT_POINTS = 3  # the line is fitted to the largest samples (see fit_memory)
+THROUGHPUT_TOLERANCE = 0.05  # images/s within 5% of the best count as "as fast"
+
+
+class AutoBatchError(DetectorError):
+    """AutoBatch cannot choose any batch (e.g. a single step at the start batch runs out of memory)."""
+
+
+@dataclass
+class Sample:
+    """One measured training step.
+
+    Attributes:
+        batch: images in the step.
+        peak_bytes: peak memory of the step (bytes), None when it failed.
+        seconds: wall time of the step (s), None when it failed.
+        error: the out-of-memory message when the step failed, else None.
+    """
+
+    batch: int
+    peak_bytes: int | None
+    seconds: float | None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def images_per_second(self) -> float | None:
+        if not self.ok or not self.seconds:
+            return None
+        return self.batch / self.seconds
+
+
+@dataclass
+class Fit:
+    """peak_bytes = fixed_bytes + per_image_bytes * batch, and how well it describes the samples (R^2)."""
+
+    fixed_bytes: float
+    per_image_bytes: float
+    r2: float
+    batches: list[int] = field(default_factory=list)  # the sampled batches the line was fitted to
+
+    def predict(self, batch: int) -> float:
+        return self.fixed_bytes + self.per_image_bytes * batch
+
+    def largest_fitting(self, budget_bytes: int) -> int:
+        return math.floor((budget_bytes - self.fixed_bytes) / self.per_image_bytes)
+
+
+@dataclass
+class Decision:
+    """What AutoBatch chose and every number behind it (saved as autobatch.json).
+
+    Attributes:
+        batch: the chosen batch size.
+        fraction: target fraction of capacity.
+        capacity_bytes: memory this process can use (bytes).
+        budget_bytes: fraction * capacity (bytes).
+        samples: the sampled steps, in order.
+        fixed_bytes, per_image_bytes, r2: the fit, None when there was none.
+        fit_batches: the sampled batches the fit used (the largest that ran).
+        decided_by: "memory", "throughput", "dataset size" or "fallback".
+        verified_peak_bytes: measured peak of a real step at `batch` (bytes).
+        reason: why this batch, in words.
+        checks: verification steps run after the choice (back-offs included).
+        throughput: whether images/s took part in the choice.
+        device: the probe's name.
+        seconds: time spent deciding (s).
+    """
+
+    batch: int
+    fraction: float
+    capacity_bytes: int
+    budget_bytes: int
+    samples: list[Sample]
+    fixed_bytes: float | None
+    per_image_bytes: float | None
+    r2: float | None
+    decided_by: str
+    verified_peak_bytes: int | None
+    reason: str
+    checks: list[Sample] = field(default_factory=list)
+    fit_batches: list[int] = field(default_factory=list)
+    throughput: bool = False
+    device: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def log_line(self) -> str:
+        """One line a person can check: samples, fit, target, choice and what decided it, verified peak."""
+        marks = [f"{s.batch}" + ("(OOM)" if not s.ok else "(>target)" if s.peak_bytes > self.budget_bytes else "")
+                 for s in self.samples]
+        line = f"AutoBatch: samples b={','.join(marks)}"
+        if self.throughput:
+            line += f" at {','.join(f'{s.images_per_second:.3g}' for s in self.samples if s.ok)} img/s"
+        if self.per_image_bytes is not None:
+            line += (f" -> fit on b={','.join(map(str, self.fit_batches))}: {_gib(self.fixed_bytes)} GiB"
+                     f" + {_gib(self.per_image_bytes)} GiB/img"
+                     f" (R^2 {self.r2:.4f})")
+        line += (f"; target {self.fraction:.0%} of {_gib(self.capacity_bytes)} GiB = {_gib(self.budget_bytes)} GiB"
+                 f" -> batch {self.batch} ({self.decided_by}")
+        line += f": {self.reason})" if self.decided_by in ("fallback", "throughput") else ")"
+        if self.verified_peak_bytes is not None:
+            line += f", verified peak {_gib(self.verified_peak_bytes)} GiB"
+        backed_off = sum(1 for c in self.checks if not c.ok or c.peak_bytes > self.budget_bytes * VERIFY_TOLERANCE)
+        if backed_off:
+            line += f" after {backed_off} back-off(s)"
+        return line + f" [{self.device}, {self.seconds:.1f} s]"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.3g}"
+
+
+def round_batch(batch: int) -> int:
+    """Round down to a multiple of 8 from 16 up (kernels and tensor cores like multiples of 8)."""
+    return batch - batch % 8 if batch >= 16 else batch
+
+
+def fit_memory(samples: list[Sample]) -> Fit | None:
+    """Least-squares line peak = fixed + per_image * batch over the FIT_POINTS largest samples that ran.
+
+    The smallest batches are left out on purpose: there the peak can be set by the optimizer step
+    (gradients, momentum, EMA and their temporaries, a cost that does not grow with the batch) rather
+    than by activations, so they sit above the line that larger batches follow and would flatten the
+    slope that the choice extrapolates. None when fewer than two samples ran.
+    """
+    good = sorted((s for s in samples if s.ok), key=lambda s: s.batch)[-FIT_POINTS:]
+    if len(good) < 2:
+        return None
+    batches = np.array([s.batch for s in good], dtype=np.float64)
+    peaks = np.array([s.peak_bytes for s in good], dtype=np.float64)
+    per_image, fixed = np.polyfit(batches, peaks, 1)
+    residual = float(np.sum((peaks - (fixed + per_image * batches)) ** 2))
+    total = float(np.sum((peaks - peaks.mean()) ** 2))
+    r2 = 1.0 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
+    return Fit(float(fixed), float(per_image), r2, [s.batch for s in good])
+
+
+def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, time_separately: bool = False,
+            clock: Callable[[], float] = time.perf_counter) -> Sample:
+    """Run step(batch) once under the probe and return its peak and time, or the OOM it raised.
+
+    Args:
+        time_separately: time a second, unwatched run (the CPU tracker's per-op bookkeeping costs a
+            roughly constant time per step, which would make small batches look slow).
+
+    Raises:
+        Exception: whatever step raised when the probe does not call it out-of-memory.
+    """
+    error = None
+    probe.reset()
+    try:
+        with probe.watch():
+            started = clock()
+            step(batch)
+            seconds = clock() - started
+        peak = probe.peak()
+        if time_separately:
+            started = clock()
+            step(batch)
+            seconds = clock() - started
+    except Exception as err:
+        if not probe.is_oom(err):
+            raise
+        error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+        # The traceback's frames hold the step's activations; drop them before cleaning up.
+        traceback.clear_frames(err.__traceback__)
+    if error is not None:
+        # Outside the except block the exception and its frames are gone, so memory can really be freed.
+        probe.cleanup()
+        logger.debug("AutoBatch: b=%d ran out of memory: %s", batch, error)
+        return Sample(batch, None, None, error)
+    return Sample(batch, peak, seconds)
+
+
+def _sample(step: Callable[[int], None], probe: MemoryProbe, *, budget: int, start: int, max_batch: int,
+            max_samples: int, deadline: float, measure_throughput: bool,
+            clock: Callable[[], float]) -> tuple[list[Sample], str]:
+    """Sample b = start, 2*start, ... until a stop condition; returns the samples and why sampling stopped."""
+    samples: list[Sample] = []
+    batch, cost = start, 0.0
+    while True:
+        if len(samples) >= max_samples:
+            return samples, f"{max_samples} samples taken"
+        if batch > max_batch:
+            return samples, f"next batch {batch} > max batch {max_batch}"
+        good = [s for s in samples if s.ok]
+        if len(good) >= 2 and clock() + 2 * cost > deadline:
+            return samples, "time budget spent"  # doubling the batch about doubles the time of a sample
+        began = clock()
+        sample = measure(step, probe, batch, time_separately=measure_throughput, clock=clock)
+        cost = clock() - began
+        samples.append(sample)
+        if not sample.ok:
+            return samples, f"out of memory at b={batch}"
+        if sample.peak_bytes > budget:
+            return samples, f"peak {_gib(sample.peak_bytes)} GiB at b={batch} passed the target"
+        if measure_throughput and len(good) >= 1:
+            best = max(s.images_per_second for s in good)
+            if sample.images_per_second <= best * (1 + THROUGHPUT_TOLERANCE):
+                return samples, f"images/s stopped improving by more than 5% at b={batch}"
+        batch *= 2
+
+
+def _memory_choice(fit: Fit, budget: int, max_batch: int, samples: list[Sample]) -> tuple[int, str]:
+    """Largest batch whose predicted peak fits the budget, below any batch that ran out of memory,
+    capped at max_batch and rounded; and which limit bound it."""
+    fitting = fit.largest_fitting(budget)
+    failed = [s.batch for s in samples if not s.ok]
+    if failed and min(failed) - 1 < min(fitting, max_batch):
+        return round_batch(min(failed) - 1), "memory"  # the device said no below the line's limit
+    if fitting >= max_batch:
+        return round_batch(max_batch), "dataset size"
+    return round_batch(fitting), "memory"
+
+
+def _throughput_choice(samples: list[Sample], budget: int, memory_batch: int,
+                       stopped: str) -> tuple[int, str] | None:
+    """Smallest sampled batch within 5% of the best images/s, and why; None when the fastest batch does
+    not fit the memory choice (images/s was still rising where memory stopped it: memory decides)."""
+    ran = [s for s in samples if s.ok]
+    best = max(ran, key=lambda s: s.images_per_second)
+    if best.peak_bytes > budget or best.batch > memory_batch:
+        return None
+    threshold = best.images_per_second * (1 - THROUGHPUT_TOLERANCE)
+    chosen = min((s for s in ran if s.images_per_second >= threshold and s.batch <= best.batch),
+                 key=lambda s: s.batch)
+    reason = (f"{chosen.images_per_second:.3g} img/s, within 5% of the best {best.images_per_second:.3g}"
+              f" at b={best.batch}; sampling stopped: {stopped}")
+    return chosen.batch, reason
+
+
+def _fallback(samples: list[Sample], budget: int, max_batch: int, why: str) -> tuple[int, str, int | None]:
+    """The largest measured batch that fit the budget (safe: it ran), else 1; with the reason."""
+    fitting = [s for s in samples if s.ok and s.peak_bytes <= budget and s.batch <= max_batch]
+    if fitting:
+        best = max(fitting, key=lambda s: s.batch)
+        return best.batch, f"{why}; using the largest measured batch that fit", best.peak_bytes
+    return 1, f"{why}; no measured batch fit the target, using batch 1", None
+
+
+def _back_off(batch: int, check: Sample, fit: Fit, budget: int) -> int:
+    """A smaller batch after a failed check: along the measured bytes per image, or by 20% after an OOM."""
+    if check.ok:
+        # The fit under-predicted here; the check's own bytes per image (above the fixed part) are the
+        # better slope for the way down, and never smaller than the fit's.
+        per_image = max((check.peak_bytes - fit.fixed_bytes) / batch, fit.per_image_bytes)
+        smaller = math.floor((budget - fit.fixed_bytes) / per_image)
+    else:
+        smaller = math.floor(batch * 0.8)
+    return round_batch(max(min(smaller, batch - 1), 1))
+
+
+def _verify(step: Callable[[int], None], probe: MemoryProbe, batch: int, fit: Fit, budget: int,
+            samples: list[Sample], clock: Callable[[], float]) -> tuple[int | None, list[Sample]]:
+    """Run one real step at `batch` (reusing an identical sample) and back off until it fits.
+
+    Returns the verified batch (None if MAX_BACK_OFFS back-offs did not fit) and the checks run.
+    """
+    checks: list[Sample] = []
+    for _ in range(MAX_BACK_OFFS + 1):
+        # A sample at exactly this batch was the same step under the same reset: its peak is the check.
+        check = next((s for s in samples if s.batch == batch and s.ok), None)
+        if check is None:
+            check = measure(step, probe, batch, clock=clock)
+            checks.append(check)
+        if check.ok and check.peak_bytes <= budget * VERIFY_TOLERANCE:
+            return batch, checks
+        if batch == 1:
+            break
+        smaller = _back_off(batch, check, fit, budget)
+        logger.info("AutoBatch: b=%d %s; backing off to b=%d", batch,
+                    "ran out of memory" if not check.ok else f"peaked at {_gib(check.peak_bytes)} GiB", smaller)
+        batch = smaller
+    return None, checks
+
+
+def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: float, max_batch: int,
+                 measure_throughput: bool, start: int = 1, max_samples: int = 8, time_budget_s: float = 15.0,
+                 clock: Callable[[], float] = time.perf_counter) -> Decision:
+    """Sample, fit, choose and verify a training batch size (see the module docstring for the method).
+
+    Args:
+        step: runs one full training step (forward, loss, backward, optimizer, EMA) at batch b and,
+            on CUDA, synchronizes before returning so that the clock measures the step.
+        probe: reads peak memory and capacity of the training device.
+        fraction: share of the capacity the peak may fill, in (0, 1).
+        max_batch: largest useful batch (the training set size).
+        measure_throughput: also time steps and prefer the smallest batch within 5% of the best
+            images/s (the CPU case, where memory rarely limits).
+        start: first sampled batch; later samples double it.
+        max_samples: most sampled batch sizes.
+        time_budget_s: soft limit (s) on sampling: no sample starts that would end past it, but a fit
+            always gets its two samples.
+        clock: seconds counter (injected by tests).
+
+    Returns:
+        The decision; `decided_by` says which limit decided and `reason` why.
+
+    Raises:
+        ValueError: for arguments out of range.
+        AutoBatchError: when a step at the start batch already runs out of memory, or no batch
+            passes verification.
+        Exception: any non-memory error raised by `step` (a broken model is not a batch-size problem).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"AutoBatch fraction must be in (0, 1), got {fraction}")
+    if max_batch < 1 or start < 1:
+        raise ValueError(f"AutoBatch needs max_batch >= 1 and start >= 1, got {max_batch} and {start}")
+    began = clock()
+    start = min(start, max_batch)
+    warm = measure(step, probe, start, clock=clock)
+    if not warm.ok:
+        raise AutoBatchError(f"one training step at batch {start} already runs out of memory on {probe.name} "
+                             f"({warm.error}); use a smaller imgsz or model")
+    probe.reset()
+    capacity = probe.capacity()
+    budget = int(fraction * capacity)
+    samples, stopped = _sample(step, probe, budget=budget, start=start, max_batch=max_batch,
+                               max_samples=max_samples, deadline=began + time_budget_s,
+                               measure_throughput=measure_throughput, clock=clock)
+    fit = fit_memory(samples)
+    decision = Decision(batch=1, fraction=fraction, capacity_bytes=capacity, budget_bytes=budget, samples=samples,
+                        fixed_bytes=fit and fit.fixed_bytes, per_image_bytes=fit and fit.per_image_bytes,
+                        r2=fit and fit.r2, fit_batches=fit.batches if fit else [], decided_by="fallback",
+                        verified_peak_bytes=None, reason="",
+                        throughput=measure_throughput, device=probe.name)
+    why_not = _why_not_trusted(fit, budget, samples)
+    if why_not:
+        decision.batch, decision.reason, decision.verified_peak_bytes = _fallback(samples, budget, max_batch, why_not)
+    else:
+        _choose_and_verify(decision, step, probe, fit, max_batch, measure_throughput, stopped, clock)
+    decision.seconds = clock() - began
+    log = logger.warning if decision.decided_by == "fallback" else logger.info
+    log(decision.log_line())
+    return decision
+
+
+def _why_not_trusted(fit: Fit | None, budget: int, samples: list[Sample]) -> str | None:
+    """Why the fit cannot be used to choose (None when it can)."""
+    if fit is None:
+        return f"only {sum(s.ok for s in samples)} sample(s) ran, a fit needs 2"
+    if fit.per_image_bytes <= 0:
+        return "the peak did not grow with the batch, so the fit cannot place a limit"
+    if fit.r2 < MIN_R2:
+        return f"the fit is poor (R^2 {fit.r2:.3f} < {MIN_R2})"
+    if fit.largest_fitting(budget) < 1:
+        return f"the fit predicts that even batch 1 needs more than the target {_gib(budget)} GiB"
+    return None
+
+
+def _choose_and_verify(decision: Decision, step: Callable[[int], None], probe: MemoryProbe, fit: Fit,
+                       max_batch: int, measure_throughput: bool, stopped: str, clock: Callable[[], float]) -> None:
+    """Fill decision.batch / decided_by / reason / verified peak / checks from a trusted fit."""
+    budget, samples = decision.budget_bytes, decision.samples
+    batch, decided_by = _memory_choice(fit, budget, max_batch, samples)
+    reason = f"predicted peak {_gib(fit.predict(batch))} GiB; sampling stopped: {stopped}"
+    fastest = _throughput_choice(samples, budget, batch, stopped) if measure_throughput else None
+    if fastest is not None and fastest[0] < batch:
+        batch, decided_by, reason = fastest[0], "throughput", fastest[1]
+    verified, decision.checks = _verify(step, probe, batch, fit, budget, samples, clock)
+    if verified is None:
+        decision.batch, decision.reason, decision.verified_peak_bytes = _fallback(
+            samples, budget, max_batch, f"b={batch} and {MAX_BACK_OFFS} back-offs did not fit the target")
+        return
+    if verified != batch:
+        reason += f"; backed off from b={batch} after verification"
+    peaks = [s.peak_bytes for s in samples + decision.checks if s.batch == verified and s.ok]
+    decision.batch, decision.decided_by, decision.reason = verified, decided_by, reason
+    decision.verified_peak_bytes = peaks[-1]
