@@ -68,7 +68,7 @@ class TaskAlignedAssigner:
                               torch.zeros(batch, anchors, dtype=torch.bool, device=scores.device))
         inside = self._inside(points, gt_boxes_xyxy) & gt_valid[:, :, None]  # (B, M, A)
         metric, overlaps = self._metric(scores, boxes_xyxy, gt_classes, gt_boxes_xyxy, inside)
-        positive = self._top_k(metric) & inside
+        positive = self._top_k(metric, inside) & inside
         positive, owner = self._resolve(positive, overlaps)
         foreground = positive.any(dim=1)  # (B, A)
 
@@ -100,10 +100,14 @@ class TaskAlignedAssigner:
         class_scores[b, m, a] = scores[b, a, gt_classes[b, m]]
         return class_scores.pow(self.alpha) * overlaps.pow(self.beta), overlaps
 
-    def _top_k(self, metric: torch.Tensor) -> torch.Tensor:
-        """(B, M, A) True at each box's top_k anchors by metric."""
+    def _top_k(self, metric: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """(B, M, A) True at each box's top_k anchors by metric, anchors inside the box ranked first.
+
+        Ranking outside anchors below every inside one matters when metrics tie at zero (no overlap
+        yet): an arbitrary pick among ties would otherwise spend the k places on anchors outside.
+        """
         k = min(self.top_k, metric.shape[-1])
-        indices = metric.topk(k, dim=-1).indices
+        indices = metric.masked_fill(~inside, -1.0).topk(k, dim=-1).indices
         return torch.zeros_like(metric, dtype=torch.bool).scatter_(-1, indices, True)
 
     @staticmethod

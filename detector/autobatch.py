@@ -13,27 +13,20 @@ backing off while it does not fit. Bytes everywhere; the log line says GiB (2**3
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-
+from detector.autobatch_records import VERIFY_TOLERANCE, Decision, Fit, Sample, fit_memory, gib
 from detector.errors import DetectorError
 from detector.memory import MemoryProbe
 
 logger = logging.getLogger(__name__)
 
-GIB = 2**30
 MIN_R2 = 0.95  # below this the line does not describe the samples and its prediction is not trusted
-VERIFY_TOLERANCE = 1.03  # a verified peak may pass the budget by 3% (the budget is a fraction, not the wall)
 MAX_BACK_OFFS = 3
-FIT_POINTS = 3  # the line is fitted to the largest samples (see fit_memory)
 THROUGHPUT_TOLERANCE = 0.05  # images/s within 5% of the best count as "as fast"
 
 
@@ -41,139 +34,9 @@ class AutoBatchError(DetectorError):
     """AutoBatch cannot choose any batch (e.g. a single step at the start batch runs out of memory)."""
 
 
-@dataclass
-class Sample:
-    """One measured training step.
-
-    Attributes:
-        batch: images in the step.
-        peak_bytes: peak memory of the step (bytes), None when it failed.
-        seconds: wall time of the step (s), None when it failed.
-        error: the out-of-memory message when the step failed, else None.
-    """
-
-    batch: int
-    peak_bytes: int | None
-    seconds: float | None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def images_per_second(self) -> float | None:
-        if not self.ok or not self.seconds:
-            return None
-        return self.batch / self.seconds
-
-
-@dataclass
-class Fit:
-    """peak_bytes = fixed_bytes + per_image_bytes * batch, and how well it describes the samples (R^2)."""
-
-    fixed_bytes: float
-    per_image_bytes: float
-    r2: float
-    batches: list[int] = field(default_factory=list)  # the sampled batches the line was fitted to
-
-    def predict(self, batch: int) -> float:
-        return self.fixed_bytes + self.per_image_bytes * batch
-
-    def largest_fitting(self, budget_bytes: int) -> int:
-        return math.floor((budget_bytes - self.fixed_bytes) / self.per_image_bytes)
-
-
-@dataclass
-class Decision:
-    """What AutoBatch chose and every number behind it (saved as autobatch.json).
-
-    Attributes:
-        batch: the chosen batch size.
-        fraction: target fraction of capacity.
-        capacity_bytes: memory this process can use (bytes).
-        budget_bytes: fraction * capacity (bytes).
-        samples: the sampled steps, in order.
-        fixed_bytes, per_image_bytes, r2: the fit, None when there was none.
-        fit_batches: the sampled batches the fit used (the largest that ran).
-        decided_by: "memory", "throughput", "dataset size" or "fallback".
-        verified_peak_bytes: measured peak of a real step at `batch` (bytes).
-        reason: why this batch, in words.
-        checks: verification steps run after the choice (back-offs included).
-        throughput: whether images/s took part in the choice.
-        device: the probe's name.
-        seconds: time spent deciding (s).
-    """
-
-    batch: int
-    fraction: float
-    capacity_bytes: int
-    budget_bytes: int
-    samples: list[Sample]
-    fixed_bytes: float | None
-    per_image_bytes: float | None
-    r2: float | None
-    decided_by: str
-    verified_peak_bytes: int | None
-    reason: str
-    checks: list[Sample] = field(default_factory=list)
-    fit_batches: list[int] = field(default_factory=list)
-    throughput: bool = False
-    device: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def log_line(self) -> str:
-        """One line a person can check: samples, fit, target, choice and what decided it, verified peak."""
-        marks = [f"{s.batch}" + ("(OOM)" if not s.ok else "(>target)" if s.peak_bytes > self.budget_bytes else "")
-                 for s in self.samples]
-        line = f"AutoBatch: samples b={','.join(marks)}"
-        if self.throughput:
-            line += f" at {','.join(f'{s.images_per_second:.3g}' for s in self.samples if s.ok)} img/s"
-        if self.per_image_bytes is not None:
-            line += (f" -> fit on b={','.join(map(str, self.fit_batches))}: {_gib(self.fixed_bytes)} GiB"
-                     f" + {_gib(self.per_image_bytes)} GiB/img"
-                     f" (R^2 {self.r2:.4f})")
-        line += (f"; target {self.fraction:.0%} of {_gib(self.capacity_bytes)} GiB = {_gib(self.budget_bytes)} GiB"
-                 f" -> batch {self.batch} ({self.decided_by}")
-        line += f": {self.reason})" if self.decided_by in ("fallback", "throughput") else ")"
-        if self.verified_peak_bytes is not None:
-            line += f", verified peak {_gib(self.verified_peak_bytes)} GiB"
-        backed_off = sum(1 for c in self.checks if not c.ok or c.peak_bytes > self.budget_bytes * VERIFY_TOLERANCE)
-        if backed_off:
-            line += f" after {backed_off} back-off(s)"
-        return line + f" [{self.device}, {self.seconds:.1f} s]"
-
-
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / GIB:.3g}"
-
-
 def round_batch(batch: int) -> int:
     """Round down to a multiple of 8 from 16 up (kernels and tensor cores like multiples of 8)."""
     return batch - batch % 8 if batch >= 16 else batch
-
-
-def fit_memory(samples: list[Sample]) -> Fit | None:
-    """Least-squares line peak = fixed + per_image * batch over the FIT_POINTS largest samples that ran.
-
-    The smallest batches are left out on purpose: there the peak can be set by the optimizer step
-    (gradients, momentum, EMA and their temporaries, a cost that does not grow with the batch) rather
-    than by activations, so they sit above the line that larger batches follow and would flatten the
-    slope that the choice extrapolates. None when fewer than two samples ran.
-    """
-    good = sorted((s for s in samples if s.ok), key=lambda s: s.batch)[-FIT_POINTS:]
-    if len(good) < 2:
-        return None
-    batches = np.array([s.batch for s in good], dtype=np.float64)
-    peaks = np.array([s.peak_bytes for s in good], dtype=np.float64)
-    per_image, fixed = np.polyfit(batches, peaks, 1)
-    residual = float(np.sum((peaks - (fixed + per_image * batches)) ** 2))
-    total = float(np.sum((peaks - peaks.mean()) ** 2))
-    r2 = 1.0 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
-    return Fit(float(fixed), float(per_image), r2, [s.batch for s in good])
 
 
 def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, time_separately: bool = False,
@@ -234,7 +97,7 @@ def _sample(step: Callable[[int], None], probe: MemoryProbe, *, budget: int, sta
         if not sample.ok:
             return samples, f"out of memory at b={batch}"
         if sample.peak_bytes > budget:
-            return samples, f"peak {_gib(sample.peak_bytes)} GiB at b={batch} passed the target"
+            return samples, f"peak {gib(sample.peak_bytes)} GiB at b={batch} passed the target"
         if measure_throughput and len(good) >= 1:
             best = max(s.images_per_second for s in good)
             if sample.images_per_second <= best * (1 + THROUGHPUT_TOLERANCE):
@@ -310,7 +173,7 @@ def _verify(step: Callable[[int], None], probe: MemoryProbe, batch: int, fit: Fi
             break
         smaller = _back_off(batch, check, fit, budget)
         logger.info("AutoBatch: b=%d %s; backing off to b=%d", batch,
-                    "ran out of memory" if not check.ok else f"peaked at {_gib(check.peak_bytes)} GiB", smaller)
+                    "ran out of memory" if not check.ok else f"peaked at {gib(check.peak_bytes)} GiB", smaller)
         batch = smaller
     return None, checks
 
@@ -385,7 +248,7 @@ def _why_not_trusted(fit: Fit | None, budget: int, samples: list[Sample]) -> str
     if fit.r2 < MIN_R2:
         return f"the fit is poor (R^2 {fit.r2:.3f} < {MIN_R2})"
     if fit.largest_fitting(budget) < 1:
-        return f"the fit predicts that even batch 1 needs more than the target {_gib(budget)} GiB"
+        return f"the fit predicts that even batch 1 needs more than the target {gib(budget)} GiB"
     return None
 
 
@@ -394,7 +257,7 @@ def _choose_and_verify(decision: Decision, step: Callable[[int], None], probe: M
     """Fill decision.batch / decided_by / reason / verified peak / checks from a trusted fit."""
     budget, samples = decision.budget_bytes, decision.samples
     batch, decided_by = _memory_choice(fit, budget, max_batch, samples)
-    reason = f"predicted peak {_gib(fit.predict(batch))} GiB; sampling stopped: {stopped}"
+    reason = f"predicted peak {gib(fit.predict(batch))} GiB; sampling stopped: {stopped}"
     fastest = _throughput_choice(samples, budget, batch, stopped) if measure_throughput else None
     if fastest is not None and fastest[0] < batch:
         batch, decided_by, reason = fastest[0], "throughput", fastest[1]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
+import traceback
 from dataclasses import dataclass, field
 
 import psutil
@@ -13,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from detector.errors import DetectorError
+from detector.memory import is_out_of_memory
 from detector.optim import ModelEMA, Schedule
 from detector.postprocess import decode, non_max_suppression
 
@@ -29,6 +32,8 @@ class LoopState:
     last_step: int = 0          # iteration at which the optimizer last stepped
     bad_steps: int = 0          # consecutive non-finite losses
     optimizer_steps: int = 0
+    splits: int = 1             # micro-batches per batch on the device (doubled after each out-of-memory)
+    oom_events: list[dict] = field(default_factory=list)  # where and how the batch was split
 
 
 @dataclass
@@ -63,23 +68,35 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """Forward, loss, backward and, when enough batches are accumulated, an optimizer step + EMA update.
 
+    If the device runs out of memory, the batch is split into twice as many micro-batches, for this
+    batch and every later one: the device then holds half the images at a time, while the loader's
+    batch, the schedule and the effective batch stay the same. The gradients accumulated since the
+    last optimizer step are dropped (a failed backward may have added part of one) and the
+    accumulation window restarts with this batch.
+
     Returns the detached loss items, or None when the loss was not finite and the batch was skipped.
 
     Raises:
-        DetectorError: after MAX_BAD_STEPS non-finite losses in a row.
+        DetectorError: after MAX_BAD_STEPS non-finite losses in a row, or when even one image per
+            micro-batch does not fit.
     """
     state = ctx.state
     accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
-    images = prepare_images(images, ctx.device, ctx.channels_last)
-    targets = targets.to(ctx.device, non_blocking=True)
-    with autocast(ctx.device, ctx.amp_dtype):
-        outputs = ctx.model(images)
-        loss, items = ctx.criterion(outputs, targets, images.shape[0])
+    while True:
+        out_of_memory = False
+        try:
+            items = _forward_backward(ctx, images, targets)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            out_of_memory = True
+            traceback.clear_frames(err.__traceback__)  # the frames hold the failed step's activations
+        if not out_of_memory:
+            break
+        _split_after_oom(ctx, len(images))  # outside the except block, so the memory can really be freed
     state.iteration += 1
-    if not torch.isfinite(loss):
+    if items is None:
         state.bad_steps += 1
-        logger.warning("non-finite loss at iteration %d (%s); batch skipped", state.iteration,
-                       {k: round(float(v), 4) for k, v in items.items()})
         ctx.optimizer.zero_grad(set_to_none=True)
         state.last_step = state.iteration
         if state.bad_steps >= MAX_BAD_STEPS:
@@ -87,10 +104,53 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
                                 "(try a lower lr0, amp=false, or check the labels)")
         return None
     state.bad_steps = 0
-    ctx.scaler.scale(loss).backward()
     if state.iteration - state.last_step >= accumulate:
         optimizer_step(ctx)
     return items
+
+
+def _forward_backward(ctx: StepContext, images: torch.Tensor,
+                      targets: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """Loss and gradients of one batch in ctx.state.splits micro-batches; None if a loss was not finite."""
+    size = math.ceil(len(images) / ctx.state.splits)
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, len(images), size):
+        part = prepare_images(images[start:start + size], ctx.device, ctx.channels_last)
+        rows = targets if size >= len(images) else targets[(targets[:, 0] >= start) & (targets[:, 0] < start + size)]
+        rows = rows.to(ctx.device, non_blocking=True)
+        if start:
+            rows = torch.cat([rows[:, :1] - start, rows[:, 1:]], dim=1)  # batch index within the micro-batch
+        with autocast(ctx.device, ctx.amp_dtype):
+            loss, items = ctx.criterion(ctx.model(part), rows, len(part))
+        if not torch.isfinite(loss):
+            logger.warning("non-finite loss at iteration %d (%s); batch skipped", ctx.state.iteration + 1,
+                           {k: round(float(v), 4) for k, v in items.items()})
+            return None
+        ctx.scaler.scale(loss).backward()
+        for key, value in items.items():
+            sums[key] = sums.get(key, 0) + value * len(part)
+    return {key: value / len(images) for key, value in sums.items()}
+
+
+def _split_after_oom(ctx: StepContext, batch: int) -> None:
+    state = ctx.state
+    micro = math.ceil(batch / state.splits)
+    if micro <= 1:
+        raise DetectorError(f"out of memory with a single image per step on {ctx.device}: use a smaller imgsz "
+                            "or model")
+    ctx.optimizer.zero_grad(set_to_none=True)
+    dropped = state.iteration - state.last_step
+    state.last_step = state.iteration
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    state.splits *= 2
+    state.oom_events.append({"iteration": state.iteration + 1, "micro_batch_before": micro,
+                             "micro_batch_after": math.ceil(batch / state.splits), "dropped_batches": dropped})
+    logger.warning("out of memory at iteration %d with %d images on %s: continuing with micro-batches of %d "
+                   "(%d per batch, same effective batch)%s", state.iteration + 1, micro, ctx.device,
+                   math.ceil(batch / state.splits), state.splits,
+                   f"; dropped the gradients of {dropped} accumulated batch(es)" if dropped else "")
 
 
 def optimizer_step(ctx: StepContext) -> None:

@@ -22,6 +22,17 @@ from torch.utils._pytree import tree_flatten
 logger = logging.getLogger(__name__)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` means an allocation failed (CUDA, cuBLAS/cuDNN workspaces, or the CPU allocator)."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    # cuBLAS/cuDNN report a failed workspace allocation, and the CPU allocator a failed malloc, as
+    # RuntimeErrors of their own.
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        words in text for words in ("out of memory", "alloc_failed", "not enough memory", "can't allocate memory"))
+
+
 class MemoryProbe(Protocol):
     """What AutoBatch needs from a device: reset, watch a step, read its peak, capacity, OOM test."""
 
@@ -84,11 +95,7 @@ class CudaMemory:
         return int(free + torch.cuda.memory_reserved(self.device))
 
     def is_oom(self, err: BaseException) -> bool:
-        if isinstance(err, torch.OutOfMemoryError):
-            return True
-        # cuBLAS/cuDNN report a failed workspace allocation as a RuntimeError of their own.
-        text = str(err)
-        return isinstance(err, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+        return is_out_of_memory(err)
 
     def cleanup(self) -> None:
         # Frames of a failed step can sit in reference cycles; collect them before returning blocks.
@@ -169,10 +176,7 @@ class CpuTensorMemory:
         return int(psutil.virtual_memory().available + self.current)
 
     def is_oom(self, err: BaseException) -> bool:
-        if isinstance(err, MemoryError):
-            return True
-        text = str(err).lower()
-        return isinstance(err, RuntimeError) and ("not enough memory" in text or "out of memory" in text)
+        return is_out_of_memory(err)
 
     def cleanup(self) -> None:
         gc.collect()

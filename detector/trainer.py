@@ -11,7 +11,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ import yaml
 
 from detector.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from detector.config import Config, load_defaults, make_config
-from detector.data.augment import round_image_size
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader, set_epoch
@@ -30,25 +29,10 @@ from detector.loss import DetectionLoss
 from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model
 from detector.optim import ModelEMA, Schedule, build_optimizer
+from detector.plan import Plan, auto_batch, make_plan
 from detector.runs import make_run_dir, select_device, set_threads, setup_logging
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Values derived from the config for this run; logged and saved, never written back into it."""
-
-    device: str
-    threads: int
-    image_size: int
-    batch: int
-    accumulate: int
-    weight_decay: float
-    optimizer: str
-    lr0: float
-    warmup_iters: int
-    amp_dtype: str  # "" = full precision
 
 
 def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | None]:
@@ -81,31 +65,6 @@ def find_last_checkpoint(resume: str, overrides: dict[str, Any]) -> Path:
     return last
 
 
-def make_plan(config: Config, device: torch.device, threads: int, train_size: int) -> Plan:
-    image_size = round_image_size(config.imgsz)
-    if config.auto_batch_fraction is not None:
-        batch = min(16, train_size)
-        logger.info("AutoBatch: batch=%g asked for, but AutoBatch is not built yet; using batch %d",
-                    config.batch, batch)
-    else:
-        batch = int(config.batch)
-    # Accumulate up to the nominal batch so the effective batch (and the recipe) does not depend on
-    # the batch that fits; weight decay follows the effective batch.
-    accumulate = max(round(config.nbs / batch), 1)
-    weight_decay = config.weight_decay * batch * accumulate / config.nbs
-    optimizer, lr0 = config.optimizer, config.lr0
-    if optimizer == "auto":
-        optimizer, lr0 = "AdamW", 0.002
-    iters_per_epoch = math.ceil(train_size / batch)
-    warmup_iters = round(config.warmup_epochs * iters_per_epoch)
-    amp_dtype = ""
-    if config.amp and device.type == "cuda":
-        amp_dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return Plan(device=str(device), threads=threads, image_size=image_size, batch=batch, accumulate=accumulate,
-                weight_decay=weight_decay, optimizer=optimizer, lr0=lr0, warmup_iters=warmup_iters,
-                amp_dtype=amp_dtype)
-
-
 def model_args_of(model: Detector) -> dict[str, Any]:
     return dict(model.model_args)
 
@@ -133,42 +92,57 @@ class Trainer:
         self.config, self.card, checkpoint = resolve_config(overrides)
         config = self.config
         self.progress = progress
-        resuming = checkpoint is not None
-        self.run_dir = Path(config.resume).parents[1] if resuming else make_run_dir(
-            config.project, config.name, config.exist_ok)
-        self.weights_dir = self.run_dir / "weights"
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.run_dir / "train.log")
         self.device = select_device(config.device)
         threads = set_threads(config.threads)
         torch.manual_seed(config.seed)
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-
+        # Data first: a broken dataset fails here, before a run folder exists.
         self.train_data = CocoDataset(self.card.train_images, self.card.train_json, cache=config.cache,
                                       skip_bad_images=config.skip_bad_images)
         self.val_data = CocoDataset(self.card.val_images, self.card.val_json,
                                     skip_bad_images=config.skip_bad_images)
         self.names = self.train_data.names
+        self.train_size = max(math.ceil(len(self.train_data) * config.fraction), 1)
         self.model = build_detector(config, len(self.names), checkpoint).to(self.device)
-        self.plan = make_plan(config, self.device, threads, len(self.train_data))
         self.criterion = DetectionLoss(num_classes=len(self.names), strides=self.model.strides,
                                        reg_max=self.model.reg_max, box_gain=config.box,
                                        cls_gain=config.cls, dfl_gain=config.dfl)
+
+        self.run_dir = Path(config.resume).parents[1] if checkpoint is not None else make_run_dir(
+            config.project, config.name, config.exist_ok)
+        self.weights_dir = self.run_dir / "weights"
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir / "train.log")
+        self.plan = self._plan(threads, checkpoint)
         self.ctx = self._step_context()
         self.start_epoch, self.best_fitness, self.rows = 0, -1.0, []
-        if resuming:
+        if checkpoint is not None:
             self._restore(checkpoint)
         self.ground_truth = load_ground_truth(self.val_data.annotation_json)
         atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in asdict(self.plan).items()))
 
+    def _plan(self, threads: int, checkpoint: dict | None) -> Plan:
+        """The batch (fixed, AutoBatch's, or the interrupted run's) and what follows from it."""
+        config = self.config
+        if checkpoint is not None:
+            # A resumed run keeps its batch: the schedule counts batches, and its accumulation rests on it.
+            saved = checkpoint["plan"]
+            return make_plan(config, self.device, threads, self.train_size, saved["batch"], saved["batch_source"])
+        if config.auto_batch_fraction is None:
+            return make_plan(config, self.device, threads, self.train_size, int(config.batch))
+        decision = auto_batch(config, self.model, self.criterion, device=self.device, num_classes=len(self.names),
+                              max_boxes=self.train_data.max_boxes, train_size=self.train_size,
+                              run_dir=self.run_dir)
+        return make_plan(config, self.device, threads, self.train_size, decision.batch, decision.decided_by)
+
     def _step_context(self) -> StepContext:
         config, plan = self.config, self.plan
         optimizer = build_optimizer(self.model, name=plan.optimizer, lr=plan.lr0, momentum=config.momentum,
                                     weight_decay=plan.weight_decay)
-        iters_per_epoch = math.ceil(len(self.train_data) / plan.batch)
+        iters_per_epoch = math.ceil(self.train_size / plan.batch)
         schedule = Schedule(lr0=plan.lr0, lrf=config.lrf, epochs=config.epochs, iters_per_epoch=iters_per_epoch,
                             warmup_iters=plan.warmup_iters, warmup_bias_lr=config.warmup_bias_lr,
                             warmup_momentum=config.warmup_momentum, momentum=config.momentum,

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from detector.autobatch import fit_memory, measure
+from detector.autobatch import measure
+from detector.autobatch_records import fit_memory
 from detector.memory import CpuTensorMemory, probe_for
 
 MIB = 2**20

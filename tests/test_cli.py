@@ -1,9 +1,13 @@
 """The command line: a user mistake is one 'error:' line on stderr, exit status 2, no traceback."""
 
+import json
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
@@ -36,3 +40,46 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for key in ("epochs", "batch", "imgsz", "close_mosaic", "nbs", "patience"):
         assert f"  {key} " in result.stdout
+
+
+def _broken_dataset(root, problem):
+    """A 2-image COCO dataset in root with one problem; returns the data= argument that names it."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        cv2.imwrite(str(images / name), np.full((64, 64, 3), 90, np.uint8))
+    bbox = [10, 10, -5, 20] if problem == "negative width" else [10, 10, 20, 20]
+    data = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+            "annotations": [{"image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10]},
+                            {"image_id": 2, "category_id": 1, "bbox": bbox}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (root / "instances.json").write_text(json.dumps(data))
+    if problem == "missing image":
+        (images / "b.jpg").unlink()
+    if problem == "truncated jpeg":
+        noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        cv2.imwrite(str(images / "b.jpg"), noisy)
+        (images / "b.jpg").write_bytes((images / "b.jpg").read_bytes()[:600])
+    card = {"path": str(root), "train": "images", "train_json": "instances.json", "val": "images",
+            "val_json": "instances.json"}
+    if problem == "no train entry":
+        card.pop("train")
+    (root / "card.yaml").write_text(yaml.safe_dump(card))
+    return f"data={root / 'card.yaml'}"
+
+
+@pytest.mark.parametrize(("problem", "expected"), [
+    ("no train entry", "train"),
+    ("negative width", "negative"),
+    ("missing image", "b.jpg"),
+    ("truncated jpeg", "b.jpg"),
+])
+def test_broken_data_gives_one_clear_line_and_leaves_no_run_folder(problem, expected, tmp_path):
+    data_arg = _broken_dataset(tmp_path / "data", problem)
+    runs = tmp_path / "runs"
+    result = run_cli(data_arg, f"project={runs}", "imgsz=64", "workers=0", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stdout
+    assert not runs.exists()  # nothing written for a rejected run

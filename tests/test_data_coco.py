@@ -83,7 +83,7 @@ def test_coco128_quirks(datasets_dir):
 def test_boxes_are_clipped_and_degenerate_ones_dropped_with_one_warning(tmp_path, caplog):
     annotations = [
         _ann(1, [70, 10, 30, 20]),  # runs past the right edge (width 80): clipped to x2 = 80
-        _ann(1, [10, 10, -5, 20]),  # negative width
+        _ann(1, [10, 10, 0, 20]),  # zero width
         _ann(1, [79.5, 10, 10, 10]),  # 0.5 px wide after clipping
         _ann(2, [5, 5, 10, 10], category_id=99),  # unknown category
         _ann(2, [1, 1, 10, 10], iscrowd=1),  # crowd: not trained on, not a warning
@@ -107,6 +107,13 @@ def test_json_missing_images_raises_naming_the_file(tmp_path):
     json_path.write_text(json.dumps({"annotations": [], "categories": []}))
     with pytest.raises(DataError, match=r"broken\.json.*'images' is missing"):
         CocoDataset(tmp_path, json_path)
+
+
+@pytest.mark.parametrize("bbox", [[10, 10, -5, 20], [10, 10, 5, -1], [float("nan"), 1, 5, 5], [1, 1, float("inf"), 5]])
+def test_negative_or_non_finite_box_is_an_error_naming_the_annotation(tmp_path, bbox):
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(2, bbox)])
+    with pytest.raises(DataError, match=r"annotations\[1\]\.bbox .* negative or non-finite"):
+        CocoDataset(images_dir, json_path)
 
 
 def test_annotation_with_wrong_bbox_type_raises(tmp_path):

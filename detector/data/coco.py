@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,10 @@ def _load_json(path: Path) -> dict:
         bbox = annotation["bbox"]
         if len(bbox) != 4 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
             raise DataError(f"annotation file {path}: annotations[{index}].bbox must be [x, y, w, h] numbers")
+        if not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
+            # Not a box that clipping could mend: the file was written wrong (often [x1, y1, x2, y2]).
+            raise DataError(f"annotation file {path}: annotations[{index}].bbox {bbox} has a negative or "
+                            "non-finite value; COCO boxes are [x, y, width, height] with width, height >= 0")
     return data
 
 

@@ -1,0 +1,125 @@
+"""Config + device + data + model -> Plan: the values a run derives (batch, accumulation, lr, ...).
+
+The batch is either fixed (batch=N) or chosen by AutoBatch (batch=-1 or a fraction) from real training
+steps on the training device; everything else follows from it. The plan is logged, saved in every
+checkpoint and never written back into the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from detector.autobatch import Decision, choose_batch
+from detector.autobatch_step import make_probe_step
+from detector.checkpoint import atomic_write_text
+from detector.config import Config
+from detector.data.augment import round_image_size
+from detector.memory import probe_for
+
+logger = logging.getLogger(__name__)
+
+AUTO_ADAMW_LR = 0.002  # optimizer=auto: AdamW at this lr (measured on the reference shapes set)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Values derived from the config for this run; logged and saved, never written back into it."""
+
+    device: str
+    threads: int
+    image_size: int
+    batch: int
+    accumulate: int
+    weight_decay: float
+    optimizer: str
+    lr0: float
+    warmup_iters: int
+    amp_dtype: str  # "" = full precision
+    batch_source: str = "fixed"  # "fixed", or what decided AutoBatch's choice (memory, throughput, ...)
+
+
+def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA devices that support it, else fp16 on CUDA, None (full precision) elsewhere or amp=false."""
+    if not config.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_plan(config: Config, device: torch.device, threads: int, train_size: int, batch: int,
+              batch_source: str = "fixed") -> Plan:
+    """Derive accumulation, weight decay, optimizer, lr and warm-up for a run that trains at `batch`.
+
+    Gradients are accumulated up to the nominal batch (nbs) so that the effective batch, and the recipe,
+    do not depend on the batch that fits; weight decay follows the effective batch.
+    """
+    accumulate = max(round(config.nbs / batch), 1)
+    weight_decay = config.weight_decay * batch * accumulate / config.nbs
+    optimizer, lr0 = config.optimizer, config.lr0
+    if optimizer == "auto":
+        optimizer, lr0 = "AdamW", AUTO_ADAMW_LR
+    warmup_iters = round(config.warmup_epochs * math.ceil(train_size / batch))
+    amp_dtype = amp_dtype_for(config, device)
+    return Plan(device=str(device), threads=threads, image_size=round_image_size(config.imgsz), batch=batch,
+                accumulate=accumulate, weight_decay=weight_decay, optimizer=optimizer, lr0=lr0,
+                warmup_iters=warmup_iters, amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else "",
+                batch_source=batch_source)
+
+
+def autobatch_key(config: Config, model: nn.Module, device_name: str, capacity: int, max_boxes: int) -> dict:
+    """What an AutoBatch decision depends on; a saved decision is reused only when all of it matches."""
+    return {"model": dict(model.model_args), "imgsz": round_image_size(config.imgsz), "amp": config.amp,
+            "channels_last": config.channels_last, "optimizer": config.optimizer,
+            "fraction": config.auto_batch_fraction, "max_boxes": max_boxes, "device": device_name,
+            "capacity_gib": round(capacity / 2**30), "torch": torch.__version__}
+
+
+def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device: torch.device, num_classes: int,
+               max_boxes: int, train_size: int, run_dir: Path) -> Decision:
+    """AutoBatch's decision for this run, measured now or reused from run_dir/autobatch.json.
+
+    The probe step is the training step at the worst case training meets: the training image size, the
+    most boxes of any training image, and the training AMP, memory format, optimizer, EMA and clipping.
+    On CPU images/s takes part in the choice (memory rarely limits there).
+
+    Raises:
+        AutoBatchError: not even the first sampled batch fits.
+    """
+    probe = probe_for(device)
+    probe.reset()
+    key = autobatch_key(config, model, probe.name, probe.capacity(), max_boxes)
+    saved = _load_decision(run_dir / "autobatch.json", key)
+    if saved is not None:
+        logger.info("AutoBatch: reusing batch %d from %s (same model, size, device and memory)", saved.batch,
+                    run_dir / "autobatch.json")
+        return saved
+    step = make_probe_step(model, criterion, image_size=round_image_size(config.imgsz), max_boxes=max(max_boxes, 1),
+                           num_classes=num_classes, device=device, amp_dtype=amp_dtype_for(config, device),
+                           channels_last=config.channels_last and device.type == "cuda",
+                           optimizer_name="SGD" if config.optimizer == "SGD" else "AdamW", ema=config.ema,
+                           grad_clip=config.grad_clip, seed=config.seed)
+    decision = choose_batch(step, probe, fraction=config.auto_batch_fraction, max_batch=train_size,
+                            measure_throughput=device.type == "cpu")
+    del step  # frees the probe's model copies, optimizer state and EMA before training builds its own
+    probe.cleanup()
+    atomic_write_text(run_dir / "autobatch.json", json.dumps({"key": key, **decision.to_dict()}, indent=1))
+    return decision
+
+
+def _load_decision(path: Path, key: dict[str, Any]) -> Decision | None:
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.pop("key", None) != json.loads(json.dumps(key)):
+        return None
+    return Decision.from_dict(saved)
