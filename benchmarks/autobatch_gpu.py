@@ -7,7 +7,8 @@ detector.plan.auto_batch, with 80 classes and 30 boxes per image), then 20 train
 the chosen batch on fresh copies of the model (forward, task-aligned loss, backward, clipping, optimizer,
 EMA, AMP and channels_last as in training). Prints the measured peak reserved memory over those
 iterations divided by fraction * capacity (goal: 0.90-1.03), the time spent deciding (goal: < 15 s) and
-whether any out-of-memory error happened (goal: none). Needs a CUDA device.
+whether any out-of-memory error happened (goal: none), and the validation batch chosen from forward-only
+samples. "decide s" covers both decisions. Needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def check(scale: str, image_size: int, fraction: float, iterations: int, device:
     torch.cuda.empty_cache()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
-        decision = auto_batch(config, model, criterion, device=device, num_classes=CLASSES, max_boxes=BOXES,
-                              train_size=100_000, run_dir=Path(run_dir))
+        decision, val_decision = auto_batch(config, model, criterion, device=device, num_classes=CLASSES,
+                                            max_boxes=BOXES, train_size=100_000, val_size=100_000,
+                                            run_dir=Path(run_dir))
     seconds = time.perf_counter() - started
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -58,7 +60,7 @@ def check(scale: str, image_size: int, fraction: float, iterations: int, device:
     torch.cuda.empty_cache()
     return {"scale": scale, "imgsz": image_size, "fraction": fraction, "batch": decision.batch,
             "decided_by": decision.decided_by, "ratio": peak / decision.budget_bytes, "seconds": seconds,
-            "oom": oom or "no", "log": decision.log_line()}
+            "oom": oom or "no", "val_batch": val_decision.batch, "log": decision.log_line()}
 
 
 def main() -> None:
@@ -72,8 +74,8 @@ def main() -> None:
         raise SystemExit("this check needs a CUDA device")
     device = torch.device("cuda:0")
     print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    print("| scale | imgsz | fraction | batch | decided by | peak / (fraction x capacity) | decide s | OOM |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scale | imgsz | fraction | batch | decided by | peak / target | decide s | OOM | val batch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     logs = []
     for scale in args.scales:
         for size in args.sizes:
@@ -81,7 +83,7 @@ def main() -> None:
                 row = check(scale, size, fraction, args.iterations, device)
                 logs.append(row["log"])
                 print(f"| {scale} | {size} | {fraction} | {row['batch']} | {row['decided_by']} | {row['ratio']:.3f} "
-                      f"| {row['seconds']:.1f} | {row['oom']} |", flush=True)
+                      f"| {row['seconds']:.1f} | {row['oom']} | {row['val_batch']} |", flush=True)
     print("\n" + "\n".join(logs))
 
 

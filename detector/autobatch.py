@@ -180,7 +180,7 @@ def _verify(step: Callable[[int], None], probe: MemoryProbe, batch: int, fit: Fi
 
 def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: float, max_batch: int,
                  measure_throughput: bool, start: int = 1, max_samples: int = 8, time_budget_s: float = 15.0,
-                 clock: Callable[[], float] = time.perf_counter) -> Decision:
+                 clock: Callable[[], float] = time.perf_counter, label: str = "") -> Decision:
     """Sample, fit, choose and verify a training batch size (see the module docstring for the method).
 
     Args:
@@ -196,6 +196,7 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
         time_budget_s: soft limit (s) on sampling: no sample starts that would end past it, but a fit
             always gets its two samples.
         clock: seconds counter (injected by tests).
+        label: what the batch is for, shown in the log line ("training", "validation").
 
     Returns:
         The decision; `decided_by` says which limit decided and `reason` why.
@@ -227,7 +228,7 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
                         fixed_bytes=fit and fit.fixed_bytes, per_image_bytes=fit and fit.per_image_bytes,
                         r2=fit and fit.r2, fit_batches=fit.batches if fit else [], decided_by="fallback",
                         verified_peak_bytes=None, reason="",
-                        throughput=measure_throughput, device=probe.name)
+                        throughput=measure_throughput, device=probe.name, label=label)
     why_not = _why_not_trusted(fit, budget, samples)
     if why_not:
         decision.batch, decision.reason, decision.verified_peak_bytes = _fallback(samples, budget, max_batch, why_not)

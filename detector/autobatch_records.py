@@ -72,6 +72,7 @@ class Decision:
         samples: the sampled steps, in order.
         fixed_bytes, per_image_bytes, r2: the fit, None when there was none.
         fit_batches: the sampled batches the fit used (the largest that ran).
+        label: what the batch is for (log line only).
         decided_by: "memory", "throughput", "dataset size" or "fallback".
         verified_peak_bytes: measured peak of a real step at `batch` (bytes).
         reason: why this batch, in words.
@@ -94,6 +95,7 @@ class Decision:
     reason: str
     checks: list[Sample] = field(default_factory=list)
     fit_batches: list[int] = field(default_factory=list)
+    label: str = ""  # what the batch is for, e.g. "training" or "validation" (shown in the log line)
     throughput: bool = False
     device: str = ""
     seconds: float = 0.0
@@ -112,7 +114,7 @@ class Decision:
         """One line a person can check: samples, fit, target, choice and what decided it, verified peak."""
         marks = [f"{s.batch}" + ("(OOM)" if not s.ok else "(>target)" if s.peak_bytes > self.budget_bytes else "")
                  for s in self.samples]
-        line = f"AutoBatch: samples b={','.join(marks)}"
+        line = f"AutoBatch{f' ({self.label})' if self.label else ''}: samples b={','.join(marks)}"
         if self.throughput:
             line += f" at {','.join(f'{s.images_per_second:.3g}' for s in self.samples if s.ok)} img/s"
         if self.per_image_bytes is not None:

@@ -1,4 +1,5 @@
-"""The training step AutoBatch measures: the real one, on copies, at the worst case training will meet.
+"""The steps AutoBatch measures: the real training step (and the validation step), on copies, at the worst
+case training will meet.
 
 `make_probe_step` returns `step(b)`, which runs engine.train_step (forward under the training AMP and
 memory format, loss with the real assigner, backward, clipping, optimizer step, EMA update) on a deep
@@ -16,8 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from detector.engine import StepContext, train_step
+from detector.engine import StepContext, autocast, prepare_images, train_step
 from detector.optim import ModelEMA, Schedule, build_optimizer
+from detector.postprocess import decode, non_max_suppression
 
 
 def worst_case_targets(batch: int, *, image_size: int, max_boxes: int, num_classes: int,
@@ -90,5 +92,32 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
             raise RuntimeError("AutoBatch probe step: the loss was not finite, so backward was not measured")
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the caller's clock must see the whole step
+
+    return step
+
+
+def make_inference_step(model: nn.Module, *, image_size: int, device: torch.device | str,
+                        amp_dtype: torch.dtype | None = None, channels_last: bool = False, iou: float = 0.7,
+                        max_det: int = 300, seed: int = 0) -> Callable[[int], None]:
+    """A function that runs one validation step at batch b on a copy of the model: forward without
+    gradients, decoding and NMS.
+
+    NMS runs at conf 0, its worst case: every (anchor, class) pair is a candidate, up to the cap.
+    """
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def step(batch: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+        with autocast(device, amp_dtype):
+            outputs = net(prepare_images(images, device, channels_last))
+        boxes, scores = decode(outputs, net.strides, net.reg_max)
+        non_max_suppression(boxes, scores, conf=0.0, iou=iou, max_det=max_det)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return step

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from detector.autobatch import Decision, choose_batch
-from detector.autobatch_step import make_probe_step
+from detector.autobatch_step import make_inference_step, make_probe_step
 from detector.checkpoint import atomic_write_text
 from detector.config import Config
 from detector.data.augment import round_image_size
@@ -44,6 +44,7 @@ class Plan:
     warmup_iters: int
     amp_dtype: str  # "" = full precision
     batch_source: str = "fixed"  # "fixed", or what decided AutoBatch's choice (memory, throughput, ...)
+    val_batch: int = 0  # images per validation step (0 = the training batch)
 
 
 def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
@@ -54,8 +55,11 @@ def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
 
 
 def make_plan(config: Config, device: torch.device, threads: int, train_size: int, batch: int,
-              batch_source: str = "fixed") -> Plan:
+              batch_source: str = "fixed", val_batch: int = 0) -> Plan:
     """Derive accumulation, weight decay, optimizer, lr and warm-up for a run that trains at `batch`.
+
+    A fixed batch validates at the same batch (a forward pass without gradients needs less memory than
+    the training step that fitted); AutoBatch sizes validation from its own samples (`val_batch`).
 
     Gradients are accumulated up to the nominal batch (nbs) so that the effective batch, and the recipe,
     do not depend on the batch that fits; weight decay follows the effective batch.
@@ -70,7 +74,7 @@ def make_plan(config: Config, device: torch.device, threads: int, train_size: in
     return Plan(device=str(device), threads=threads, image_size=round_image_size(config.imgsz), batch=batch,
                 accumulate=accumulate, weight_decay=weight_decay, optimizer=optimizer, lr0=lr0,
                 warmup_iters=warmup_iters, amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else "",
-                batch_source=batch_source)
+                batch_source=batch_source, val_batch=val_batch or batch)
 
 
 def autobatch_key(config: Config, model: nn.Module, device_name: str, capacity: int, max_boxes: int) -> dict:
@@ -82,12 +86,14 @@ def autobatch_key(config: Config, model: nn.Module, device_name: str, capacity: 
 
 
 def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device: torch.device, num_classes: int,
-               max_boxes: int, train_size: int, run_dir: Path) -> Decision:
-    """AutoBatch's decision for this run, measured now or reused from run_dir/autobatch.json.
+               max_boxes: int, train_size: int, val_size: int, run_dir: Path) -> tuple[Decision, Decision]:
+    """AutoBatch's training and validation batches for this run, measured now or reused from
+    run_dir/autobatch.json.
 
-    The probe step is the training step at the worst case training meets: the training image size, the
-    most boxes of any training image, and the training AMP, memory format, optimizer, EMA and clipping.
-    On CPU images/s takes part in the choice (memory rarely limits there).
+    The training probe is the training step at the worst case training meets: the training image size,
+    the most boxes of any training image, and the training AMP, memory format, optimizer, EMA and
+    clipping. The validation probe is a forward pass without gradients, decoding and NMS at its worst
+    case. On CPU images/s takes part in both choices (memory rarely limits there).
 
     Raises:
         AutoBatchError: not even the first sampled batch fits.
@@ -95,31 +101,43 @@ def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device
     probe = probe_for(device)
     probe.reset()
     key = autobatch_key(config, model, probe.name, probe.capacity(), max_boxes)
-    saved = _load_decision(run_dir / "autobatch.json", key)
+    saved = _load_decisions(run_dir / "autobatch.json", key)
     if saved is not None:
-        logger.info("AutoBatch: reusing batch %d from %s (same model, size, device and memory)", saved.batch,
-                    run_dir / "autobatch.json")
+        logger.info("AutoBatch: reusing batch %d (validation %d) from %s: same model, size, device and memory",
+                    saved[0].batch, saved[1].batch, run_dir / "autobatch.json")
         return saved
-    step = make_probe_step(model, criterion, image_size=round_image_size(config.imgsz), max_boxes=max(max_boxes, 1),
-                           num_classes=num_classes, device=device, amp_dtype=amp_dtype_for(config, device),
-                           channels_last=config.channels_last and device.type == "cuda",
-                           optimizer_name="SGD" if config.optimizer == "SGD" else "AdamW", ema=config.ema,
-                           grad_clip=config.grad_clip, seed=config.seed)
-    decision = choose_batch(step, probe, fraction=config.auto_batch_fraction, max_batch=train_size,
-                            measure_throughput=device.type == "cpu")
-    del step  # frees the probe's model copies, optimizer state and EMA before training builds its own
-    probe.cleanup()
-    atomic_write_text(run_dir / "autobatch.json", json.dumps({"key": key, **decision.to_dict()}, indent=1))
-    return decision
+    image_size, amp_dtype = round_image_size(config.imgsz), amp_dtype_for(config, device)
+    channels_last = config.channels_last and device.type == "cuda"
+    decisions = []
+    for phase in ("train", "val"):
+        if phase == "train":
+            step = make_probe_step(model, criterion, image_size=image_size, max_boxes=max(max_boxes, 1),
+                                   num_classes=num_classes, device=device, amp_dtype=amp_dtype,
+                                   channels_last=channels_last,
+                                   optimizer_name="SGD" if config.optimizer == "SGD" else "AdamW", ema=config.ema,
+                                   grad_clip=config.grad_clip, seed=config.seed)
+        else:
+            step = make_inference_step(model, image_size=image_size, device=device, amp_dtype=amp_dtype,
+                                       channels_last=channels_last, iou=config.iou, max_det=config.max_det,
+                                       seed=config.seed)
+        decisions.append(choose_batch(step, probe, fraction=config.auto_batch_fraction,
+                                      max_batch=train_size if phase == "train" else val_size,
+                                      measure_throughput=device.type == "cpu",
+                                      label="training" if phase == "train" else "validation"))
+        del step  # frees the probe's model copies, optimizer state and EMA before the next one
+        probe.cleanup()
+    atomic_write_text(run_dir / "autobatch.json", json.dumps(
+        {"key": key, "train": decisions[0].to_dict(), "val": decisions[1].to_dict()}, indent=1))
+    return decisions[0], decisions[1]
 
 
-def _load_decision(path: Path, key: dict[str, Any]) -> Decision | None:
+def _load_decisions(path: Path, key: dict[str, Any]) -> tuple[Decision, Decision] | None:
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if saved.pop("key", None) != json.loads(json.dumps(key)):
+    if saved.get("key") != json.loads(json.dumps(key)):
         return None
-    return Decision.from_dict(saved)
+    return Decision.from_dict(saved["train"]), Decision.from_dict(saved["val"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import time
@@ -130,13 +131,14 @@ class Trainer:
         if checkpoint is not None:
             # A resumed run keeps its batch: the schedule counts batches, and its accumulation rests on it.
             saved = checkpoint["plan"]
-            return make_plan(config, self.device, threads, self.train_size, saved["batch"], saved["batch_source"])
+            return make_plan(config, self.device, threads, self.train_size, saved["batch"], saved["batch_source"],
+                             saved["val_batch"])
         if config.auto_batch_fraction is None:
             return make_plan(config, self.device, threads, self.train_size, int(config.batch))
-        decision = auto_batch(config, self.model, self.criterion, device=self.device, num_classes=len(self.names),
-                              max_boxes=self.train_data.max_boxes, train_size=self.train_size,
-                              run_dir=self.run_dir)
-        return make_plan(config, self.device, threads, self.train_size, decision.batch, decision.decided_by)
+        train, val = auto_batch(config, self.model, self.criterion, device=self.device, num_classes=len(self.names),
+                                max_boxes=self.train_data.max_boxes, train_size=self.train_size,
+                                val_size=len(self.val_data), run_dir=self.run_dir)
+        return make_plan(config, self.device, threads, self.train_size, train.batch, train.decided_by, val.batch)
 
     def _step_context(self) -> StepContext:
         config, plan = self.config, self.plan
@@ -173,7 +175,8 @@ class Trainer:
                                                    "shear", "fliplr", "mosaic")}
         dataset = self.train_data if train else self.val_data
         return build_dataloader(dataset, train=train, image_size=self.plan.image_size,
-                                batch_size=self.plan.batch, workers=config.workers, seed=config.seed,
+                                batch_size=self.plan.batch if train else self.plan.val_batch,
+                                workers=config.workers, seed=config.seed,
                                 augment=augment, mosaic=mosaic, pin_memory=self.device.type == "cuda",
                                 fraction=config.fraction if train else 1.0)
 
@@ -256,6 +259,8 @@ class Trainer:
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.run_dir / "results.csv", buffer.getvalue())
+        if self.ctx.state.oom_events:
+            atomic_write_text(self.run_dir / "oom_events.json", json.dumps(self.ctx.state.oom_events, indent=1))
         if self.config.plots:
             from detector.plots import plot_results
 

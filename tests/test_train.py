@@ -1,15 +1,20 @@
 """End-to-end training on tiny generated shapes: learning, resume, API/CLI parity, checkpoint round trip."""
 
 import csv
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from detector import Model
 from detector.checkpoint import load_checkpoint
+from detector.data.coco import CocoDataset
 from detector.data.shapes import generate_shapes
 from detector.trainer import Trainer, train
 from tests.conftest import REPO
@@ -97,3 +102,44 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     assert again["metrics/mAP50-95"] == pytest.approx(api_metrics["metrics/mAP50-95"], abs=1e-6)
     for name in ("args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "train.log"):
         assert (tmp_path / "api" / name).is_file()
+
+
+def test_predict_folders_and_globs_in_input_order_in_original_pixels(tiny_setup, tmp_path):
+    args = settings(tiny_setup, tmp_path, epochs=1)
+    model = Model(args.pop("model"))
+    model.train(**args)
+    images = sorted((Path(tiny_setup["data"]).parent / "shapes" / "images" / "train").glob("*.jpg"))[:5]
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for index, path in enumerate(images):  # one image enlarged, so original pixels differ from input pixels
+        image = cv2.imread(str(path))
+        cv2.imwrite(str(folder / path.name), cv2.resize(image, (256, 192)) if index == 0 else image)
+
+    results = model.predict(str(folder), conf=0.0, max_det=50, save_dir=tmp_path / "drawn")
+    assert [Path(r.path).name for r in results] == [p.name for p in images]
+    assert all(len(r.scores) == 50 for r in results)  # conf 0 keeps max_det boxes from a barely trained model
+    assert results[0].boxes_xyxy[:, 0::2].max() > 128 and results[0].boxes_xyxy[:, 0::2].max() <= 256
+    assert results[0].boxes_xyxy[:, 1::2].max() <= 192 and results[1].boxes_xyxy.max() <= 128
+    assert all(r.names == ["circle", "rectangle", "triangle", "star"] and r.classes.max() < 4 for r in results)
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == [p.name for p in images]
+    # The batch size of inference does not change what is found.
+    one_by_one = model.predict(str(folder / "*.jpg"), conf=0.0, max_det=50, batch=1)
+    for a, b in zip(results, one_by_one, strict=True):
+        np.testing.assert_allclose(a.boxes_xyxy, b.boxes_xyxy, atol=1e-2)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+def test_batch_minus_one_runs_autobatch_then_trains_at_its_choice(tiny_setup, tmp_path):
+    train(settings(tiny_setup, tmp_path, epochs=1, batch=-1), progress=False)
+    run = tmp_path / "run"
+    saved = json.loads((run / "autobatch.json").read_text())
+    plan = load_checkpoint(run / "weights" / "last.pt")["plan"]
+    assert plan["batch"] == saved["train"]["batch"] and plan["val_batch"] == saved["val"]["batch"]
+    assert saved["train"]["decided_by"] in ("throughput", "memory", "dataset size")  # CPU: images/s takes part
+    assert saved["train"]["verified_peak_bytes"] > 0 and 1 <= plan["batch"] <= 16
+    assert saved["key"]["max_boxes"] == max(len(t) for t in CocoDataset(
+        Path(tiny_setup["data"]).parent / "shapes" / "images" / "train",
+        Path(tiny_setup["data"]).parent / "shapes" / "annotations" / "instances_train.json").targets)
+    log = (run / "train.log").read_text()
+    assert "AutoBatch (training): samples b=1," in log and f"-> batch {plan['batch']} (" in log
+    assert "AutoBatch (validation): samples b=1," in log
