@@ -43,8 +43,9 @@ def worst_case_targets(batch: int, *, image_size: int, max_boxes: int, num_class
 
 def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, max_boxes: int, num_classes: int,
                     device: torch.device | str, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                    optimizer_name: str = "SGD", ema: bool = True, grad_clip: float = 10.0,
-                    seed: int = 0) -> Callable[[int], None]:
+                    optimizer_name: str = "SGD", ema: bool = True, grad_clip: float = 10.0, seed: int = 0,
+                    inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> Callable[[int], None]:
     """A function that runs one full training step at batch b on copies of the model.
 
     The copies, the optimizer (so its state, e.g. momentum buffers, is counted from the second step on)
@@ -63,6 +64,8 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
         ema: whether training keeps an EMA of the weights.
         grad_clip: max gradient norm of training (0 = off).
         seed: seed of the random inputs (the same inputs at every call make samples comparable).
+        inputs: inputs(b) -> (uint8 images (b, 3, S, S), targets (N, 6)) to use instead of the random
+            worst case (e.g. a real batch, to time the step on typical data).
 
     Returns:
         step(b): runs the step on b images; on CUDA it synchronizes before returning.
@@ -83,11 +86,15 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
                       channels_last=channels_last, grad_clip=grad_clip)
 
     def step(batch: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        # uint8 on the host, like a loader's batch: train_step copies and converts it as in training.
-        images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
-        targets = worst_case_targets(batch, image_size=image_size, max_boxes=max_boxes, num_classes=num_classes,
-                                     generator=generator)
+        if inputs is not None:
+            images, targets = inputs(batch)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            # uint8 on the host, like a loader's batch: train_step copies and converts it as in training.
+            images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
+                                   generator=generator)
+            targets = worst_case_targets(batch, image_size=image_size, max_boxes=max_boxes,
+                                         num_classes=num_classes, generator=generator)
         if train_step(ctx, images, targets) is None:
             raise RuntimeError("AutoBatch probe step: the loss was not finite, so backward was not measured")
         if device.type == "cuda":

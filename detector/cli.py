@@ -14,6 +14,7 @@ from detector.errors import DetectorError
 USAGE = """usage: detector train [key=value ...]      train (python train.py is the same)
        detector val model=best.pt [data=...]  COCO mAP of a checkpoint
        detector predict model=best.pt source=PATH [conf=0.25 save_dir=DIR]
+       detector benchmark batches=2,4,8,16,-1 [key=value ...]   what batch size does to speed, memory, mAP
        detector convert images=DIR labels=DIR out=FILE.json names=data.yaml   YOLO txt -> COCO JSON
        detector help                          every setting with its default"""
 
@@ -47,7 +48,16 @@ def _run(command: str, argv: list[str]) -> int:
         return _inference(command, argv)
     if command == "convert":
         return _convert(argv)
-    raise DetectorError(f"unknown command '{command}': use train, val, predict, convert or help")
+    if command == "benchmark":
+        from detector.benchmark import benchmark
+        from detector.runs import setup_logging
+
+        setup_logging()
+        overrides = parse_cli([a for a in argv if not a.startswith("batches=")])
+        batches = [a.partition("=")[2] for a in argv if a.startswith("batches=")]
+        benchmark(batches[-1] if batches else "2,4,8,16,-1", **overrides)
+        return 0
+    raise DetectorError(f"unknown command '{command}': use train, val, predict, benchmark, convert or help")
 
 
 def _pairs(argv: list[str], allowed: set[str], command: str) -> dict[str, str]:

@@ -53,6 +53,7 @@ class Config:
     warmup_bias_lr: float
     cos_lr: bool
     nbs: int
+    lr_policy: str
     grad_clip: float
     ema: bool
     box: float
@@ -91,6 +92,7 @@ class Config:
 
 
 FIELDS = {field.name: field.type for field in dataclasses.fields(Config)}
+LR_POLICIES = ("nbs", "linear", "sqrt", "none")
 
 # Checks beyond the type: key -> (predicate, what is allowed).
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -112,6 +114,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warmup_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "warmup_bias_lr": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "nbs": (lambda v: v >= 1, "an integer >= 1"),
+    "lr_policy": (lambda v: v in LR_POLICIES, "one of " + ", ".join(LR_POLICIES)),
     "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "close_mosaic": (lambda v: v >= 0, "an integer >= 0"),
     "conf": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -8,6 +8,7 @@ import logging
 import math
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 import torch
@@ -51,6 +52,7 @@ class StepContext:
     channels_last: bool = False
     grad_clip: float = 10.0
     state: LoopState = field(default_factory=LoopState)
+    noise: Any = None  # a noise_scale.GradientNoiseProbe to measure the gradient noise scale, or None
 
 
 def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -82,6 +84,7 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     """
     state = ctx.state
     accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
+    window_start = state.iteration == state.last_step  # no gradient accumulated yet: .grad is this batch's
     while True:
         out_of_memory = False
         try:
@@ -104,6 +107,8 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
                                 "(try a lower lr0, amp=false, or check the labels)")
         return None
     state.bad_steps = 0
+    if ctx.noise is not None and window_start:
+        ctx.noise.measure(ctx, images, targets)
     if state.iteration - state.last_step >= accumulate:
         optimizer_step(ctx)
     return items

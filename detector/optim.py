@@ -51,11 +51,10 @@ class Schedule:
     """Learning rate, momentum and gradient accumulation as functions of the iteration.
 
     Warm-up runs for `warmup_iters` iterations: weights' lr rises from 0 and biases' lr falls from
-    `warmup_bias_lr` to the scheduled value, momentum rises from `warmup_momentum`, and accumulation
-    grows from 1 to `accumulate`. Starting with one optimizer step per batch is what makes short runs on
-    small data learn: with full accumulation from the first batch, a 600-image set takes ten steps per
-    epoch and spends its first epochs barely moving.
-    After warm-up the lr decays per epoch, linearly or along a cosine, to lr0 * lrf.
+    `warmup_bias_lr` to the scheduled value, and momentum rises from `warmup_momentum`. After warm-up
+    the lr decays per epoch, linearly or along a cosine, to lr0 * lrf. Accumulation stays at
+    `accumulate` throughout, warm-up included, so that every batch size up to the nominal one takes the
+    same optimizer steps (a ramp of accumulation during warm-up gave small batches extra early steps).
     """
 
     lr0: float
@@ -85,8 +84,7 @@ class Schedule:
         t = iteration / self.warmup_iters
         lrs = {"weights": t * target, "norm": t * target, "bias": self.warmup_bias_lr * (1 - t) + t * target}
         momentum = self.warmup_momentum + t * (self.momentum - self.warmup_momentum)
-        accumulate = max(1, round(1 + t * (self.accumulate - 1)))
-        return lrs, momentum, accumulate
+        return lrs, momentum, self.accumulate
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> int:
         """Set lr and momentum of every group for this iteration; return the accumulation to use."""

@@ -58,17 +58,24 @@ def make_plan(config: Config, device: torch.device, threads: int, train_size: in
               batch_source: str = "fixed", val_batch: int = 0) -> Plan:
     """Derive accumulation, weight decay, optimizer, lr and warm-up for a run that trains at `batch`.
 
+    How the recipe follows the batch is config.lr_policy:
+        nbs     accumulate round(nbs / batch) batches per optimizer step, lr unchanged: every batch up
+                to nbs takes the same optimizer steps (the default)
+        linear  one step per batch, lr0 * batch / nbs (Goyal et al. 2017; with the warm-up)
+        sqrt    one step per batch, lr0 * sqrt(batch / nbs) (the usual rule for Adam-style optimizers)
+        none    one step per batch, lr0 unchanged
+    Weight decay follows the images per optimizer step in every case: weight_decay * batch * accumulate / nbs.
+
     A fixed batch validates at the same batch (a forward pass without gradients needs less memory than
     the training step that fitted); AutoBatch sizes validation from its own samples (`val_batch`).
-
-    Gradients are accumulated up to the nominal batch (nbs) so that the effective batch, and the recipe,
-    do not depend on the batch that fits; weight decay follows the effective batch.
     """
-    accumulate = max(round(config.nbs / batch), 1)
-    weight_decay = config.weight_decay * batch * accumulate / config.nbs
     optimizer, lr0 = config.optimizer, config.lr0
     if optimizer == "auto":
         optimizer, lr0 = "AdamW", AUTO_ADAMW_LR
+    accumulate = max(round(config.nbs / batch), 1) if config.lr_policy == "nbs" else 1
+    lr0 *= {"nbs": 1.0, "none": 1.0, "linear": batch / config.nbs,
+            "sqrt": math.sqrt(batch / config.nbs)}[config.lr_policy]
+    weight_decay = config.weight_decay * batch * accumulate / config.nbs
     warmup_iters = round(config.warmup_epochs * math.ceil(train_size / batch))
     amp_dtype = amp_dtype_for(config, device)
     return Plan(device=str(device), threads=threads, image_size=round_image_size(config.imgsz), batch=batch,

@@ -246,7 +246,7 @@ def plot_labels(classes: Any, boxes_xyxy: Any, image_size: int | tuple[int, int]
 
 
 def plot_lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
-               out_path: Path, title: str = "") -> Path:
+               out_path: Path, title: str = "", log_x: bool = False) -> Path:
     """Plots one or more named series against shared x values (for benchmarks).
 
     Args:
@@ -256,6 +256,7 @@ def plot_lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: s
         ylabel: Label of the y axis.
         out_path: PNG to write.
         title: Figure title.
+        log_x: A base-2 logarithmic x axis (batch sizes that double).
 
     Returns:
         out_path.
@@ -263,15 +264,36 @@ def plot_lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: s
     Raises:
         ValueError: A series has a different length from x.
     """
-    for name, values in series.items():
-        if len(values) != len(x):
-            raise ValueError(f"series {name!r} has {len(values)} values for {len(x)} x values")
+    return plot_curves({name: (x, values) for name, values in series.items()}, xlabel, ylabel, out_path,
+                       title=title, log_x=log_x)
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+                out_path: Path, title: str = "", log_x: bool = False, fitted: dict[str, tuple] | None = None) -> Path:
+    """Plots named curves, each with its own x values, and optional fitted lines (dashed, no markers).
+
+    Args:
+        curves: Name -> (x values, y values) of equal length (NaN leaves a gap).
+        fitted: Name -> (x values, y values) drawn as dashed lines, e.g. a model fitted to the curves.
+        Others as in plot_lines.
+
+    Raises:
+        ValueError: A curve's x and y differ in length.
+    """
     figure = _new_figure(7, 4.5)
     ax = figure.subplots()
-    for name, values in series.items():
-        ax.plot(x, np.asarray(values, dtype=float), marker="o", markersize=4, linewidth=1.5, label=name)
+    for style, group in (("data", curves), ("fit", fitted or {})):
+        for name, (xs, ys) in group.items():
+            if len(xs) != len(ys):
+                raise ValueError(f"series {name!r} has {len(ys)} values for {len(xs)} x values")
+            if style == "data":
+                ax.plot(xs, np.asarray(ys, dtype=float), marker="o", markersize=4, linewidth=1.5, label=name)
+            else:
+                ax.plot(xs, np.asarray(ys, dtype=float), linestyle="--", linewidth=1.2, color="grey", label=name)
+    if log_x:
+        ax.set_xscale("log", base=2)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    if series:
+    if curves or fitted:
         ax.legend(fontsize=9)
     return _save_figure(figure, out_path)

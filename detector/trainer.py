@@ -169,7 +169,8 @@ class Trainer:
         set_rng_state(checkpoint["rng"])
         logger.info("resuming %s from epoch %d", self.run_dir, self.start_epoch + 1)
 
-    def _loader(self, train: bool, mosaic: bool = True):
+    def loader(self, train: bool, mosaic: bool = True):
+        """The training (augmented, shuffled) or validation (letterboxed) DataLoader of this run."""
         config = self.config
         augment = {k: getattr(config, k) for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale",
                                                    "shear", "fliplr", "mosaic")}
@@ -185,15 +186,15 @@ class Trainer:
         config = self.config
         epochs = self.ctx.schedule.epochs
         mosaic = self.start_epoch < self._close_at(epochs) and config.mosaic > 0
-        train_loader = self._loader(True, mosaic=mosaic)
-        val_loader = self._loader(False)
+        train_loader = self.loader(True, mosaic=mosaic)
+        val_loader = self.loader(False)
         if config.plots and self.start_epoch == 0:
             self._plot_first_batches(train_loader)
         stale, epoch, run_start = 0, self.start_epoch, time.perf_counter()
         while epoch < epochs:
             if mosaic and epoch >= self._close_at(epochs):
                 logger.info("closing mosaic for the last %d epochs", epochs - epoch)
-                mosaic, train_loader = False, self._loader(True, mosaic=False)
+                mosaic, train_loader = False, self.loader(True, mosaic=False)
             set_epoch(train_loader, epoch)
             start = time.perf_counter()
             losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,

@@ -84,7 +84,7 @@ def test_generator_card_generates_the_missing_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(shapes, "generate_shapes", fake_generate)
     card = load_data_card("shapes", tmp_path)
     assert calls == [tmp_path / "shapes"]
-    assert card.names == ["circle"] and card.settings == {"imgsz": 256}
+    assert card.names == ["circle"] and card.settings == {"imgsz": 256, "epochs": 15}
 
 
 def test_missing_dataset_without_download_names_the_folder(tmp_path):

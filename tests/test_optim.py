@@ -29,12 +29,12 @@ def make_schedule(**kw):
     return Schedule(**{**args, **kw})
 
 
-def test_warmup_ramps_lr_momentum_and_accumulation_then_decays_linearly():
+def test_warmup_ramps_lr_and_momentum_keeps_accumulation_then_decays_linearly():
     schedule = make_schedule()
     lrs, momentum, accumulate = schedule.at(0)
-    assert lrs["weights"] == 0 and math.isclose(lrs["bias"], 0.1) and momentum == 0.8 and accumulate == 1
+    assert lrs["weights"] == 0 and math.isclose(lrs["bias"], 0.1) and momentum == 0.8 and accumulate == 4
     lrs, momentum, accumulate = schedule.at(10)
-    assert 0 < lrs["weights"] < 0.01 and 0.8 < momentum < 0.937 and 1 < accumulate < 4
+    assert 0 < lrs["weights"] < 0.01 and 0.8 < momentum < 0.937 and accumulate == 4
     lrs, momentum, accumulate = schedule.at(20)
     assert accumulate == 4 and momentum == 0.937
     assert math.isclose(lrs["weights"], 0.01 * schedule.lr_factor(2))

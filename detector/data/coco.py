@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,12 @@ def _load_json(path: Path) -> dict:
             raise DataError(f"annotation file {path}: '{key}' {problem}; is this a COCO instances file?")
     _check_records(path, "images", data["images"], {"id": int, "file_name": str})
     _check_records(path, "categories", data["categories"], {"id": int, "name": str})
+    # pycocotools keys images and categories by id: a repeated id would silently merge two records.
+    for key, what in (("images", "image"), ("categories", "category")):
+        repeated = sorted(i for i, n in Counter(record["id"] for record in data[key]).items() if n > 1)
+        if repeated:
+            raise DataError(f"annotation file {path}: {what} id {repeated[0]} is used by more than one of '{key}' "
+                            f"({len(repeated)} repeated id(s)); ids must be unique")
     _check_records(path, "annotations", data["annotations"],
                    {"image_id": int, "category_id": int, "bbox": list})
     for index, annotation in enumerate(data["annotations"]):
