@@ -62,7 +62,7 @@ class TaskAlignedAssigner:
             gt_boxes_xyxy: (B, M, 4) ground-truth boxes, input pixels.
             gt_valid: (B, M) bool, False for padding slots (images have different numbers of boxes).
         """
-        batch, anchors, num_classes = scores.shape
+        batch, anchors, _ = scores.shape
         if gt_boxes_xyxy.shape[1] == 0:
             return Assignment(torch.zeros_like(boxes_xyxy), torch.zeros_like(scores),
                               torch.zeros(batch, anchors, dtype=torch.bool, device=scores.device))
@@ -75,13 +75,15 @@ class TaskAlignedAssigner:
         image = torch.arange(batch, device=scores.device)[:, None]
         target_boxes = gt_boxes_xyxy[image, owner]  # (B, A, 4)
         target_classes = gt_classes[image, owner]  # (B, A)
-        target_scores = F.one_hot(target_classes, num_classes).to(scores.dtype) * foreground[..., None]
         # Soft targets: per box, t / max(t) * max(IoU) over its positives, read at each anchor.
         metric = metric * positive
         best_metric = metric.amax(dim=-1, keepdim=True)
         best_overlap = (overlaps * positive).amax(dim=-1, keepdim=True)
         quality = (metric * best_overlap / (best_metric + EPS)).amax(dim=1)  # (B, A)
-        return Assignment(target_boxes, target_scores * quality[..., None], foreground)
+        # One write per anchor into zeros, rather than a one-hot (B, A, C) and two products over it.
+        target_scores = torch.zeros_like(scores).scatter_(-1, target_classes[..., None],
+                                                          (quality * foreground)[..., None])
+        return Assignment(target_boxes, target_scores, foreground)
 
     @staticmethod
     def _inside(points: torch.Tensor, gt_boxes_xyxy: torch.Tensor) -> torch.Tensor:

@@ -150,10 +150,13 @@ class Trainer:
                             warmup_momentum=config.warmup_momentum, momentum=config.momentum,
                             accumulate=plan.accumulate, cosine=config.cos_lr)
         amp_dtype = getattr(torch, plan.amp_dtype) if plan.amp_dtype else None
+        if config.channels_last:
+            # NHWC weights as well as inputs: oneDNN (CPU) and cuDNN then skip a reorder at every convolution.
+            self.model.to(memory_format=torch.channels_last)
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         return StepContext(model=self.model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
                            scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
-                           amp_dtype=amp_dtype, channels_last=config.channels_last and self.device.type == "cuda",
+                           amp_dtype=amp_dtype, channels_last=config.channels_last,
                            grad_clip=config.grad_clip)
 
     def _restore(self, checkpoint: dict) -> None:

@@ -26,7 +26,7 @@ class Batch:
     """A collated batch.
 
     Attributes:
-        images: uint8 (B, 3, S, S) RGB.
+        images: uint8 (B, 3, S, S) RGB, channels_last in memory (engine.prepare_images sets the format).
         targets: float32 (N, 6) rows [batch_index, class, x1, y1, x2, y2] in input pixels.
         image_ids: int64 (B,) COCO image ids.
         scales: float32 (B,) letterbox scale (input = original * scale + pad); 1 for training samples.
@@ -111,9 +111,9 @@ class DetectionDataset(Dataset):
             image, target = self.transform(self.dataset, index, rng)
             return Sample(image, target, self.dataset.image_ids[index], 1.0, (0.0, 0.0),
                           self.dataset.orig_size(index))
-        image, target, image_id = self.dataset.load(index)
+        image, target, image_id = self.dataset.load(index, self.image_size)
         orig_height, orig_width = self.dataset.orig_size(index)
-        # A cached image may be smaller than the file: the batch maps from the file's pixels.
+        # A cached or reduced-scale decode may be smaller than the file: the batch maps from the file's pixels.
         cache_ratio = max(image.shape[:2]) / max(orig_height, orig_width)
         image, boxes, scale, pad = letterbox(image, target.boxes_xyxy, self.image_size)
         return Sample(image, Target(boxes, target.classes), image_id, scale * cache_ratio, pad,
@@ -122,7 +122,8 @@ class DetectionDataset(Dataset):
 
 def collate(samples: list[Sample]) -> Batch:
     """Stacks samples into a Batch (see Batch for shapes); targets of all images in one (N, 6) tensor."""
-    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
+    # (B, S, S, 3) memory seen as (B, 3, S, S): channels_last strides, which is what training wants; no copy.
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
     rows = [np.concatenate([np.full((len(s.target), 1), i, np.float32),
                             s.target.classes.reshape(-1, 1).astype(np.float32),
                             s.target.boxes_xyxy.reshape(-1, 4).astype(np.float32)], axis=1)
