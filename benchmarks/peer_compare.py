@@ -3,6 +3,7 @@
     python benchmarks/peer_compare.py --peer-python /work/peer-env/bin/python
         [--configs coco8-320 coco8-640 coco128-320 coco128-640 shapes-320 shapes-640] [--epochs 3]
         [--repeats 1] [--close-mosaic 0] [--work /tmp/peer-compare] [--datasets DIR] [--font TTF]
+        [--variants ours peer peer-2t] [--ours KEY=VALUE ...]
 
 Installs nothing: the peer runs from its own environment (`--peer-python`, a python with ultralytics).
 A configuration is DATASET-IMGSZ, optionally @EPOCHS (e.g. shapes-320@15). coco8 and coco128 are copied
@@ -141,7 +142,7 @@ def child_ours(spec: dict) -> dict:
     run = trainer_module.Trainer({"data": spec["card"], "model": "n", "imgsz": spec["imgsz"], "batch": 16,
                                   "epochs": spec["epochs"], "device": "cpu", "close_mosaic": spec["close_mosaic"],
                                   "val": False, "plots": False, "project": spec["project"], "name": spec["run"],
-                                  "exist_ok": True})
+                                  "exist_ok": True, **spec["ours_overrides"]})
     metrics = run.fit()
     engine.train_step = train_step
     workers = run.loader(True).num_workers
@@ -337,6 +338,9 @@ def main() -> None:
     parser.add_argument("--datasets", default=os.environ.get("DETECTOR_DATASETS", str(REPO.parent / "shared" /
                                                                                        "datasets")))
     parser.add_argument("--font", help="a TTF file for the peer (default: found under /usr/share/fonts)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="settings for our runs besides their defaults, e.g. workers=0 cache=true")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: VARIANT SPEC_JSON
     args = parser.parse_args()
     if args.child:
@@ -356,8 +360,9 @@ def main() -> None:
     runs: dict[str, dict[str, list[dict]]] = {c["name"]: {v: [] for v in VARIANTS} for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
-            for variant in VARIANTS:  # interleaved, so that a busy spell on the machine hits every variant
+            for variant in args.variants:  # interleaved, so that a busy spell on the machine hits every variant
                 spec = {**config, **data[config["dataset"]], "close_mosaic": args.close_mosaic,
+                        "ours_overrides": dict(item.split("=", 1) for item in args.ours),
                         "threads": 2 if variant == "peer-2t" else 0, "project": str(work / "runs" / variant),
                         "run": f"{config['name']}-e{config['epochs']}-{variant}-r{repeat}"}
                 result = run_child(variant, spec, work, args.peer_python, env)
@@ -368,9 +373,11 @@ def main() -> None:
                       f"(PSS with workers {result['peak_pss_mib']:.0f}), "
                       f"mAP50-95 {result['map']:.3f}" + (f", pure step {result['pure']:.2f} img/s"
                                                          if variant == "ours" else ""), flush=True)
-    rows = [summarize(c, runs[c["name"]]) for c in configs]
-    (work / "results.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))
-    print_table(rows)
+    (work / "results.json").write_text(json.dumps({"runs": runs}, indent=1))
+    if set(args.variants) == set(VARIANTS):
+        rows = [summarize(c, runs[c["name"]]) for c in configs]
+        (work / "results.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))
+        print_table(rows)
     print(f"\nraw results: {work / 'results.json'}")
 
 
