@@ -1,6 +1,6 @@
 """Pictures of a run: training curves, sample batches with boxes, label statistics, benchmark lines.
 
-Every function writes one PNG atomically (temp file, then rename) and returns its path, so a
+Every function writes one PNG atomically (temp file, fsync, then rename) and returns its path, so a
 reader never sees half a picture. Matplotlib is imported inside the functions and drives its Agg
 canvas directly, never pyplot: importing this module changes no global backend or state.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+from detector.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,36 +41,19 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _temp_path(out_path: Path) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-
-
 def _save_figure(figure: Figure, out_path: Path) -> Path:
     """Writes the figure as a PNG at out_path atomically."""
-    out_path = Path(out_path)
-    temp = _temp_path(out_path)
-    try:
-        figure.savefig(temp, format="png")
-        os.replace(temp, out_path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return out_path
+    atomic_write_bytes(Path(out_path), lambda file: figure.savefig(file, format="png"))
+    return Path(out_path)
 
 
 def _save_image(image_rgb: np.ndarray, out_path: Path) -> Path:
     """Writes a uint8 (H, W, 3) RGB array as a PNG at out_path atomically."""
-    out_path = Path(out_path)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode {out_path} as PNG")
-    temp = _temp_path(out_path)
-    try:
-        temp.write_bytes(encoded.tobytes())
-        os.replace(temp, out_path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return out_path
+    atomic_write_bytes(Path(out_path), lambda file: file.write(encoded.tobytes()))
+    return Path(out_path)
 
 
 def _to_numpy(array: Any) -> np.ndarray:
