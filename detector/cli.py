@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: weights/last.pt holds the last finished epoch; continue with resume=true",
+        print("interrupted: weights/last.pt of the run holds the progress saved last; continue with resume=true",
               file=sys.stderr)
         return 130
 

@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class LoopState:
     optimizer_steps: int = 0
     splits: int = 1             # micro-batches per batch on the device (doubled after each out-of-memory)
     oom_events: list[dict] = field(default_factory=list)  # where and how the batch was split
+    # Progress inside the current epoch; not zero only in a checkpoint saved when a run was stopped mid-epoch.
+    epoch_batches: int = 0      # batches of the epoch done (a resumed loader skips them)
+    epoch_count: int = 0        # of which had a finite loss
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # their summed loss items
 
 
 @dataclass
@@ -178,24 +183,35 @@ def memory_text(device: torch.device) -> str:
 
 
 def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_size: int,
-                    progress: bool = True) -> dict[str, float]:
-    """Train over `loader` once; returns the epoch's mean loss items (loss_box, loss_cls, loss_dfl)."""
+                    progress: bool = True, stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Train over `loader` once; returns the epoch's mean loss items (loss_box, loss_cls, loss_dfl).
+
+    An epoch may span two runs. `stop` is asked after every batch; once it says True the epoch ends
+    there and None is returned, with the batches done and their loss sums in ctx.state for a
+    checkpoint. A run resumed from it passes a loader that skips those batches (set_epoch), and the
+    sums carry on, so the epoch's means are those of an uninterrupted one.
+    """
     ctx.model.train()
-    sums: dict[str, float] = {}
-    count = 0
+    state = ctx.state
+    sums, count = dict(state.epoch_sums), state.epoch_count
     bar = tqdm(loader, total=len(loader), disable=not progress, leave=True, dynamic_ncols=True,
                bar_format="{l_bar}{bar:12}{r_bar}")
     for batch in bar:
         items = train_step(ctx, batch.images, batch.targets)
-        if items is None:
-            continue
-        count += 1
-        for key, value in items.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        if progress:
+        state.epoch_batches += 1
+        if items is not None:
+            count += 1
+            for key, value in items.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        if progress and count:
             means = " ".join(f"{k.removeprefix('loss_')} {v / count:.3f}" for k, v in sums.items())
             bar.set_description(f"epoch {epoch + 1}/{epochs} mem {memory_text(ctx.device)} {means} "
                                 f"inst {len(batch.targets)} size {image_size}")
+        if stop is not None and stop():
+            bar.close()
+            state.epoch_sums, state.epoch_count = sums, count
+            return None
+    state.epoch_batches, state.epoch_count, state.epoch_sums = 0, 0, {}
     return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
 
 

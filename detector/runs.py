@@ -17,14 +17,16 @@ logger = logging.getLogger("detector")
 def make_run_dir(project: str, name: str, exist_ok: bool) -> Path:
     """project/name, or project/name2, name3, ... so an earlier run is never overwritten."""
     base = Path(project) / name
-    if exist_ok or not base.exists():
+    if exist_ok:
         base.mkdir(parents=True, exist_ok=True)
         return base
-    for index in range(2, 10_000):
-        candidate = base.with_name(f"{name}{index}")
-        if not candidate.exists():
-            candidate.mkdir(parents=True)
+    for index in range(1, 10_000):
+        candidate = base if index == 1 else base.with_name(f"{name}{index}")
+        try:
+            candidate.mkdir(parents=True)  # fails if it exists, so two runs started at once never share one
             return candidate
+        except FileExistsError:
+            continue
     raise ConfigError(f"too many run folders named {base}*: pick another name=")
 
 

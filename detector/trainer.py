@@ -19,13 +19,22 @@ from typing import Any
 import torch
 import yaml
 
-from detector.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from detector.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    pending_gradients,
+    restore_gradients,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from detector.config import Config, load_defaults, make_config
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader, set_epoch
 from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
 from detector.errors import ConfigError
+from detector.interrupt import StopRequest
 from detector.loss import DetectionLoss
 from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model
@@ -167,7 +176,9 @@ class Trainer:
         self.best_fitness = checkpoint["best_fitness"]
         self.rows = list(checkpoint["rows"])
         set_rng_state(checkpoint["rng"])
-        logger.info("resuming %s from epoch %d", self.run_dir, self.start_epoch + 1)
+        restore_gradients(self.model, checkpoint.get("grads", {}))
+        logger.info("resuming %s from epoch %d%s", self.run_dir, self.start_epoch + 1,
+                    f", batch {self.ctx.state.epoch_batches + 1}" if self.ctx.state.epoch_batches else "")
 
     def loader(self, train: bool, mosaic: bool = True):
         """The training (augmented, shuffled) or validation (letterboxed) DataLoader of this run."""
@@ -182,7 +193,15 @@ class Trainer:
                                 fraction=config.fraction if train else 1.0)
 
     def fit(self) -> dict[str, float]:
-        """Train for the remaining epochs; returns the metrics of best.pt on the validation set."""
+        """Train for the remaining epochs; returns the metrics of best.pt on the validation set.
+
+        The first SIGINT (Ctrl-C) or SIGTERM ends the current batch, saves last.pt there and raises
+        KeyboardInterrupt; resume=true continues from that batch.
+        """
+        with StopRequest() as self.stop:
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         config = self.config
         epochs = self.ctx.schedule.epochs
         mosaic = self.start_epoch < self._close_at(epochs) and config.mosaic > 0
@@ -195,10 +214,12 @@ class Trainer:
             if mosaic and epoch >= self._close_at(epochs):
                 logger.info("closing mosaic for the last %d epochs", epochs - epoch)
                 mosaic, train_loader = False, self.loader(True, mosaic=False)
-            set_epoch(train_loader, epoch)
+            set_epoch(train_loader, epoch, skip_batches=self.ctx.state.epoch_batches)
             start = time.perf_counter()
             losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,
-                                     image_size=self.plan.image_size, progress=self.progress)
+                                     image_size=self.plan.image_size, progress=self.progress, stop=self.stop)
+            if losses is None:
+                self._stop_here(epoch)
             train_time = time.perf_counter() - start
             metrics, improved = None, False
             if config.val or epoch == epochs - 1:
@@ -208,6 +229,8 @@ class Trainer:
                 stale = 0 if improved else stale + 1
             self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
             self._save(epoch, improved)
+            if self.stop():  # the signal came during validation or the save
+                self._stop_here(epoch)
             epoch += 1
             if config.time:
                 epochs = self._refit_epochs(epoch, time.perf_counter() - run_start)
@@ -256,7 +279,8 @@ class Trainer:
                "optimizer_steps": self.ctx.state.optimizer_steps}
         self.rows.append(row)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(row))
+        # An epoch whose every batch was skipped (non-finite losses) has no loss columns: they stay blank.
+        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for r in self.rows for key in r)))
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.run_dir / "results.csv", buffer.getvalue())
@@ -280,6 +304,7 @@ class Trainer:
             "best_fitness": self.best_fitness,
             "rows": self.rows,
             "rng": rng_state(),
+            "grads": pending_gradients(self.model),
             "config": self.config.to_dict(),
             "plan": asdict(self.plan),
             "model_args": model_args_of(self.model),
@@ -292,8 +317,18 @@ class Trainer:
         save_checkpoint(self.weights_dir / "last.pt", state)
         if improved:
             # best.pt is for inference: drop what only resuming needs.
-            inference = {k: v for k, v in state.items() if k not in ("raw_model", "optimizer", "scaler", "rng")}
+            inference = {k: v for k, v in state.items()
+                         if k not in ("raw_model", "optimizer", "scaler", "rng", "grads")}
             save_checkpoint(self.weights_dir / "best.pt", inference)
+
+    def _stop_here(self, epoch: int) -> None:
+        """Save last.pt in the middle of `epoch` (ctx.state counts its batches done) unless it ended, then stop."""
+        done, last = self.ctx.state.epoch_batches, self.weights_dir / "last.pt"
+        if done:
+            save_checkpoint(last, {**self.checkpoint_state(epoch), "epoch": epoch})
+        where = f"after {done} batches of epoch {epoch + 1}" if done else f"at the end of epoch {epoch + 1}"
+        logger.warning("%s: saved %s %s; continue with resume=true", self.stop.signal_name, last, where)
+        raise KeyboardInterrupt(f"stopped by {self.stop.signal_name} in epoch {epoch + 1}")
 
     def _finish(self, val_loader) -> dict[str, float]:
         """Validate best.pt's weights once more and return their metrics."""

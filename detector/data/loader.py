@@ -6,9 +6,11 @@ an epoch are the same whatever the number of workers or the order they run in.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -137,6 +139,29 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
+class ResumableSampler(Sampler[int]):
+    """A training sampler whose epoch can start part-way, for a run resumed in the middle of an epoch.
+
+    The wrapped sampler's order depends on (seed, epoch) alone, so leaving out the first `skip`
+    indices gives exactly the batches the interrupted run had not trained on yet.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Seeds the libraries a transform might use from torch's per-worker seed (base seed + worker id)."""
     seed = torch.initial_seed() % 2**32
@@ -165,7 +190,8 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         fraction: Train on this fraction of the images (seeded choice).
 
     Returns:
-        The DataLoader; call `set_epoch(loader, epoch)` before each epoch.
+        The DataLoader; call `set_epoch(loader, epoch)` before each epoch. A training loader's sampler
+        is a ResumableSampler around `sampler`.
     """
     wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=augment,
                                mosaic=mosaic, fraction=fraction)
@@ -173,6 +199,8 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         # The order of an epoch depends on (seed, epoch) alone, so a resumed run sees the same batches
         # as an uninterrupted one. One replica of rank 0 is the single-process case of DDP's sampler.
         sampler = DistributedSampler(wrapped, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    if train:
+        sampler = ResumableSampler(sampler)
     if workers < 0:
         # The cores are shared by torch's threads and the workers: on 2 cores, 2 threads with 1 worker
         # trained 19.9 images/s, with 0 workers 19.4 and with 2 workers 17.5 (benchmarks/loop_speed.py).
@@ -183,8 +211,16 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
                       persistent_workers=workers > 0)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Select the epoch that seeds a loader's shuffle order and augmentation (call before iterating it)."""
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Select the epoch that seeds a loader's shuffle order and augmentation (call before iterating it).
+
+    skip_batches: Leave out the epoch's first batches (those a stopped run trained on before it was
+        stopped); training loaders only.
+    """
     loader.dataset.set_epoch(epoch)
-    if hasattr(loader.sampler, "set_epoch"):
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    elif skip_batches:
+        raise ValueError("only a training loader (a ResumableSampler) can skip batches")
+    elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
