@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from detector.distributed import unwrap
 from detector.errors import DetectorError
 from detector.memory import is_out_of_memory
 from detector.optim import ModelEMA, Schedule
@@ -84,10 +85,14 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     """
     state = ctx.state
     accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
+    # Under DDP, gradients are averaged over the ranks only on the batch before an optimizer step.
+    steps_next = state.iteration + 1 - state.last_step >= accumulate
+    no_sync = getattr(ctx.model, "no_sync", None) if not steps_next else None
     while True:
         out_of_memory = False
         try:
-            items = _forward_backward(ctx, images, targets)
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                items = _forward_backward(ctx, images, targets)
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
@@ -167,7 +172,7 @@ def optimizer_step(ctx: StepContext) -> None:
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.ema is not None:
-        ctx.ema.update(ctx.model)
+        ctx.ema.update(unwrap(ctx.model))
     ctx.state.last_step = ctx.state.iteration
     ctx.state.optimizer_steps += 1
 

@@ -5,27 +5,19 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from detector.benchmark import COLUMNS, benchmark, parse_batches
 from detector.config import make_config
-from detector.data.shapes import generate_shapes
 from detector.errors import ConfigError
 from detector.plan import make_plan
 from detector.trainer import Trainer
+from tests.conftest import make_tiny_setup
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    generate_shapes(root / "shapes", seed=5, num_train=16, num_val=4, image_size=128)
-    card = root / "tiny.yaml"
-    card.write_text(yaml.safe_dump({"path": str(root / "shapes"), "train": "images/train", "val": "images/val",
-                                    "train_json": "annotations/instances_train.json",
-                                    "val_json": "annotations/instances_val.json"}))
-    scale = root / "tiny_model.yaml"
-    scale.write_text(yaml.safe_dump({"depth": 0.33, "width": 0.125, "max_channels": 256}))
-    return {"data": str(card), "model": str(scale), "imgsz": 128, "workers": 0, "mosaic": 0.0, "close_mosaic": 0}
+    paths = make_tiny_setup(tmp_path_factory.mktemp("bench"), seed=5, num_train=16, num_val=4, image_size=128)
+    return {**paths, "imgsz": 128, "workers": 0, "mosaic": 0.0, "close_mosaic": 0}
 
 
 def test_one_filled_row_per_batch_and_the_files(tiny, tmp_path):
