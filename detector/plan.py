@@ -60,8 +60,8 @@ def make_plan(config: Config, device: torch.device, threads: int, train_size: in
     """Derive accumulation, weight decay, optimizer, lr and warm-up for a run that trains at `batch`.
 
     How the recipe follows the batch is config.lr_policy:
-        nbs     accumulate round(nbs / batch) batches per optimizer step, lr unchanged: every batch up
-                to nbs takes the same optimizer steps (the default)
+        nbs     accumulate round(nbs / batch) batches per optimizer step (at most an epoch's), lr
+                unchanged: every batch up to nbs takes the same optimizer steps (the default)
         linear  one step per batch, lr0 * batch / nbs (Goyal et al. 2017; with the warm-up)
         sqrt    one step per batch, lr0 * sqrt(batch / nbs) (the usual rule for Adam-style optimizers)
         none    one step per batch, lr0 unchanged
@@ -75,11 +75,13 @@ def make_plan(config: Config, device: torch.device, threads: int, train_size: in
     optimizer, lr0 = config.optimizer, config.lr0
     if optimizer == "auto":
         optimizer, lr0 = "AdamW", AUTO_ADAMW_LR
-    accumulate = max(round(config.nbs / batch), 1) if config.lr_policy == "nbs" else 1
+    batches_per_epoch = math.ceil(train_size / batch)
+    # At least one optimizer step per epoch: 4 coco8 images at batch 4 would otherwise wait 4 epochs.
+    accumulate = max(min(round(config.nbs / batch), batches_per_epoch), 1) if config.lr_policy == "nbs" else 1
     lr0 *= {"nbs": 1.0, "none": 1.0, "linear": batch / config.nbs,
             "sqrt": math.sqrt(batch / config.nbs)}[config.lr_policy]
     weight_decay = config.weight_decay * batch * accumulate / config.nbs
-    warmup_iters = round(config.warmup_epochs * math.ceil(train_size / batch))
+    warmup_iters = round(config.warmup_epochs * batches_per_epoch)
     amp_dtype = amp_dtype_for(config, device)
     return Plan(device=str(device), threads=threads, image_size=round_image_size(config.imgsz), batch=batch,
                 accumulate=accumulate, weight_decay=weight_decay, optimizer=optimizer, lr0=lr0,

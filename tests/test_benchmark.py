@@ -76,3 +76,12 @@ def test_the_table_says_what_an_unresolved_noise_scale_means():
                             {**base, "images_per_step": 16, "noise_scale": 60.0}])
     assert "| > 32 |" in table and "inf" not in table
     assert "median over 2 run(s): 50 images (1 run(s) only as above" in table
+
+
+def test_accumulation_never_skips_a_whole_epoch():
+    # 4 images at batch 4 with nbs=16 would accumulate 4 batches, i.e. one step every 4 epochs.
+    config = make_config({"lr_policy": "nbs", "nbs": 16})
+    plan = make_plan(config, torch.device("cpu"), 2, train_size=4, batch=4)
+    assert plan.accumulate == 1
+    assert plan.weight_decay == pytest.approx(config.weight_decay * 4 / 16)
+    assert make_plan(config, torch.device("cpu"), 2, train_size=40, batch=4).accumulate == 4
