@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from detector.distributed import unwrap
 from detector.errors import DetectorError
 from detector.memory import is_out_of_memory
 from detector.optim import ModelEMA, Schedule
@@ -89,11 +90,14 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     """
     state = ctx.state
     accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
-    window_start = state.iteration == state.last_step  # no gradient accumulated yet: .grad is this batch's
+    # Under DDP, gradients are averaged over the ranks only on the batch before an optimizer step.
+    steps_next = state.iteration + 1 - state.last_step >= accumulate
+    no_sync = getattr(ctx.model, "no_sync", None) if not steps_next else None
     while True:
         out_of_memory = False
         try:
-            items = _forward_backward(ctx, images, targets)
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                items = _forward_backward(ctx, images, targets)
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
@@ -102,6 +106,7 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
         if not out_of_memory:
             break
         _split_after_oom(ctx, len(images))  # outside the except block, so the memory can really be freed
+    window_start = state.iteration == state.last_step  # nothing accumulated before: .grad is this batch's
     state.iteration += 1
     if items is None:
         state.bad_steps += 1
@@ -112,9 +117,10 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
                                 "(try a lower lr0, amp=false, or check the labels)")
         return None
     state.bad_steps = 0
-    if ctx.noise is not None and window_start:
-        ctx.noise.measure(ctx, images, targets)
-    if state.iteration - state.last_step >= accumulate:
+    window_end = state.iteration - state.last_step >= accumulate
+    if ctx.noise is not None:
+        ctx.noise.observe(ctx, images, targets, first=window_start, last=window_end)
+    if window_end:
         optimizer_step(ctx)
     return items
 
@@ -171,7 +177,7 @@ def optimizer_step(ctx: StepContext) -> None:
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.ema is not None:
-        ctx.ema.update(ctx.model)
+        ctx.ema.update(unwrap(ctx.model))
     ctx.state.last_step = ctx.state.iteration
     ctx.state.optimizer_steps += 1
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-import psutil
 import torch
 
+from detector.distributed import physical_core_share
 from detector.errors import ConfigError
 
 logger = logging.getLogger("detector")
@@ -69,7 +68,8 @@ def select_device(spec: str) -> torch.device:
 
 
 def set_threads(threads: int) -> int:
-    """Torch intra-op threads: one per physical core by default, since SMT siblings slow convolutions."""
-    count = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    """Torch intra-op threads: one per physical core (of this rank's share under DDP) by default, since
+    SMT siblings slow convolutions."""
+    count = threads or physical_core_share()
     torch.set_num_threads(count)
     return count

@@ -2,6 +2,9 @@
 
 data card -> datasets -> model -> loss -> batch plan -> optimizer/schedule/EMA -> loaders -> epochs
 (train_one_epoch, evaluate, results.csv, checkpoints, plots) -> final metrics.
+
+Under torchrun every rank runs this with its share of each batch (see distributed.py); rank 0 alone
+writes the run folder and validates.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import io
 import json
 import logging
 import math
+import subprocess
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from detector import distributed
 from detector.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -33,7 +38,7 @@ from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader, set_epoch
 from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
-from detector.errors import ConfigError
+from detector.errors import ConfigError, DetectorError
 from detector.interrupt import StopRequest
 from detector.loss import DetectionLoss
 from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
@@ -101,8 +106,9 @@ class Trainer:
     def __init__(self, overrides: dict[str, Any], progress: bool = True):
         self.config, self.card, checkpoint = resolve_config(overrides)
         config = self.config
-        self.progress = progress
-        self.device = select_device(config.device)
+        self.device = distributed.setup(select_device(config.device))
+        self.world, self.main = distributed.world_size(), distributed.is_main()
+        self.progress = progress and self.main
         threads = set_threads(config.threads)
         torch.manual_seed(config.seed)
         if config.deterministic:
@@ -118,39 +124,52 @@ class Trainer:
         self.model = build_detector(config, len(self.names), checkpoint).to(self.device)
         self.criterion = DetectionLoss(num_classes=len(self.names), strides=self.model.strides,
                                        reg_max=self.model.reg_max, box_gain=config.box,
-                                       cls_gain=config.cls, dfl_gain=config.dfl)
+                                       cls_gain=config.cls, dfl_gain=config.dfl, world_size=self.world)
 
-        self.run_dir = Path(config.resume).parents[1] if checkpoint is not None else make_run_dir(
-            config.project, config.name, config.exist_ok)
+        self.run_dir = Path(config.resume).parents[1] if checkpoint is not None else distributed.on_main(
+            make_run_dir, config.project, config.name, config.exist_ok)
         self.weights_dir = self.run_dir / "weights"
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.run_dir / "train.log")
+        if self.main:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir / "train.log" if self.main else None, verbose=self.main)
         self.plan = self._plan(threads, checkpoint)
         self.ctx = self._step_context()
         self.start_epoch, self.best_fitness, self.rows = 0, -1.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
         self.ground_truth = load_ground_truth(self.val_data.annotation_json)
-        atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if self.main:
+            atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in asdict(self.plan).items()))
 
     def _plan(self, threads: int, checkpoint: dict | None) -> Plan:
-        """The batch (fixed, AutoBatch's, or the interrupted run's) and what follows from it."""
-        config = self.config
+        """The global batch (fixed, AutoBatch's, or the interrupted run's) and what follows from it.
+
+        Under DDP each rank trains on batch / world_size images of every batch; AutoBatch's per-rank
+        choice is the smallest of the ranks' own, so every device fits it.
+        """
+        config, world = self.config, self.world
         if checkpoint is not None:
-            # A resumed run keeps its batch: the schedule counts batches, and its accumulation rests on it.
+            # A resumed run keeps its global batch (the schedule counts batches, and its accumulation rests
+            # on it), whatever the number of ranks now.
             saved = checkpoint["plan"]
+            distributed.rank_batch(saved["batch"], world)
             return make_plan(config, self.device, threads, self.train_size, saved["batch"], saved["batch_source"],
-                             saved["val_batch"])
+                             saved["val_batch"], world_size=world)
         if config.auto_batch_fraction is None:
-            return make_plan(config, self.device, threads, self.train_size, int(config.batch))
+            distributed.rank_batch(int(config.batch), world)
+            return make_plan(config, self.device, threads, self.train_size, int(config.batch), world_size=world)
         train, val = auto_batch(config, self.model, self.criterion, device=self.device, num_classes=len(self.names),
-                                max_boxes=self.train_data.max_boxes, train_size=self.train_size,
-                                val_size=len(self.val_data), run_dir=self.run_dir)
-        return make_plan(config, self.device, threads, self.train_size, train.batch, train.decided_by, val.batch)
+                                max_boxes=self.train_data.max_boxes, train_size=math.ceil(self.train_size / world),
+                                val_size=len(self.val_data), run_dir=self.run_dir, save=self.main)
+        per_rank = distributed.agree_on_batch(train.batch)
+        return make_plan(config, self.device, threads, self.train_size, per_rank * world, train.decided_by,
+                         val.batch, world_size=world)
 
     def _step_context(self) -> StepContext:
         config, plan = self.config, self.plan
+        self.model, ranked_model = distributed.wrap_model(self.model, self.device, self.world, plan.batch // self.world,
+                                                     config.sync_bn)
         optimizer = build_optimizer(self.model, name=plan.optimizer, lr=plan.lr0, momentum=config.momentum,
                                     weight_decay=plan.weight_decay)
         iters_per_epoch = math.ceil(self.train_size / plan.batch)
@@ -160,7 +179,7 @@ class Trainer:
                             accumulate=plan.accumulate, cosine=config.cos_lr)
         amp_dtype = getattr(torch, plan.amp_dtype) if plan.amp_dtype else None
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
-        return StepContext(model=self.model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
+        return StepContext(model=ranked_model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
                            scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
                            amp_dtype=amp_dtype, channels_last=config.channels_last and self.device.type == "cuda",
                            grad_clip=config.grad_clip)
@@ -187,10 +206,11 @@ class Trainer:
                                                    "shear", "fliplr", "mosaic")}
         dataset = self.train_data if train else self.val_data
         return build_dataloader(dataset, train=train, image_size=self.plan.image_size,
-                                batch_size=self.plan.batch if train else self.plan.val_batch,
+                                batch_size=self.plan.batch // self.world if train else self.plan.val_batch,
                                 workers=config.workers, seed=config.seed,
                                 augment=augment, mosaic=mosaic, pin_memory=self.device.type == "cuda",
-                                fraction=config.fraction if train else 1.0)
+                                fraction=config.fraction if train else 1.0, rank=distributed.rank(),
+                                world_size=self.world)
 
     def fit(self) -> dict[str, float]:
         """Train for the remaining epochs; returns the metrics of best.pt on the validation set.
@@ -206,8 +226,8 @@ class Trainer:
         epochs = self.ctx.schedule.epochs
         mosaic = self.start_epoch < self._close_at(epochs) and config.mosaic > 0
         train_loader = self.loader(True, mosaic=mosaic)
-        val_loader = self.loader(False)
-        if config.plots and self.start_epoch == 0:
+        val_loader = self.loader(False) if self.main else None
+        if config.plots and self.start_epoch == 0 and self.main:
             self._plot_first_batches(train_loader)
         stale, epoch, run_start = 0, self.start_epoch, time.perf_counter()
         while epoch < epochs:
@@ -217,24 +237,30 @@ class Trainer:
             set_epoch(train_loader, epoch, skip_batches=self.ctx.state.epoch_batches)
             start = time.perf_counter()
             losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,
-                                     image_size=self.plan.image_size, progress=self.progress, stop=self.stop)
+                                     image_size=self.plan.image_size, progress=self.progress,
+                                     stop=self._stop_requested)
             if losses is None:
                 self._stop_here(epoch)
             train_time = time.perf_counter() - start
             metrics, improved = None, False
-            if config.val or epoch == epochs - 1:
+            if self.main and (config.val or epoch == epochs - 1):
                 metrics = self.evaluate(val_loader)
                 improved = metrics.fitness > self.best_fitness
                 self.best_fitness = max(self.best_fitness, metrics.fitness)
                 stale = 0 if improved else stale + 1
-            self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
-            self._save(epoch, improved)
-            if self.stop():  # the signal came during validation or the save
+            distributed.average_gradients(self.model)  # a save inside an accumulation window stores rank 0's
+            if self.main:
+                self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
+                self._save(epoch, improved)
+            if self._stop_requested():  # the signal came during validation or the save
                 self._stop_here(epoch)
             epoch += 1
             if config.time:
                 epochs = self._refit_epochs(epoch, time.perf_counter() - run_start)
-            if config.patience and stale >= config.patience:
+            epochs, stop = distributed.broadcast((epochs, bool(config.patience and stale >= config.patience)))
+            if epochs != self.ctx.schedule.epochs:
+                self.ctx.schedule = replace(self.ctx.schedule, epochs=epochs)
+            if stop:
                 logger.info("no improvement for %d epochs: stopping early", stale)
                 break
         return self._finish(val_loader)
@@ -249,7 +275,6 @@ class Trainer:
         epochs = done + max(int(remaining / per_epoch + 0.3), 0)
         if epochs != self.ctx.schedule.epochs:
             logger.info("time budget %.2f h: %.1f s per epoch -> %d epochs", self.config.time, per_epoch, epochs)
-            self.ctx.schedule = replace(self.ctx.schedule, epochs=epochs)
         return epochs
 
     def evaluate(self, loader) -> DetectionMetrics:
@@ -321,17 +346,28 @@ class Trainer:
                          if k not in ("raw_model", "optimizer", "scaler", "rng", "grads")}
             save_checkpoint(self.weights_dir / "best.pt", inference)
 
+    def _stop_requested(self) -> bool:
+        """Whether a signal arrived, on any rank: under DDP all ranks stop after the same batch."""
+        return distributed.any_rank(self.stop(), self.device)
+
     def _stop_here(self, epoch: int) -> None:
         """Save last.pt in the middle of `epoch` (ctx.state counts its batches done) unless it ended, then stop."""
         done, last = self.ctx.state.epoch_batches, self.weights_dir / "last.pt"
+        signal_name = self.stop.signal_name or "a signal to another rank"
         if done:
-            save_checkpoint(last, {**self.checkpoint_state(epoch), "epoch": epoch})
+            distributed.average_gradients(self.model)
+            if self.main:
+                save_checkpoint(last, {**self.checkpoint_state(epoch), "epoch": epoch})
         where = f"after {done} batches of epoch {epoch + 1}" if done else f"at the end of epoch {epoch + 1}"
-        logger.warning("%s: saved %s %s; continue with resume=true", self.stop.signal_name, last, where)
-        raise KeyboardInterrupt(f"stopped by {self.stop.signal_name} in epoch {epoch + 1}")
+        if self.main:
+            logger.warning("%s: saved %s %s; continue with resume=true", signal_name, last, where)
+        raise KeyboardInterrupt(f"stopped by {signal_name} in epoch {epoch + 1}")
 
     def _finish(self, val_loader) -> dict[str, float]:
-        """Validate best.pt's weights once more and return their metrics."""
+        """Validate best.pt's weights once more and return their metrics (on every rank)."""
+        return distributed.on_main(self._validate_best, val_loader)
+
+    def _validate_best(self, val_loader) -> dict[str, float]:
         best = load_checkpoint(self.weights_dir / "best.pt")
         model = self.ctx.ema.module if self.ctx.ema is not None else self.model
         model.load_state_dict(best["model"])
@@ -340,6 +376,7 @@ class Trainer:
                   "run_dir": str(self.run_dir)}
         logger.info("best.pt (epoch %d): mAP50-95 %.4f mAP50 %.4f; results in %s", best["epoch"],
                     metrics.map50_95, metrics.map50, self.run_dir)
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(result, indent=1))
         return result
 
     def _plot_first_batches(self, loader) -> None:
@@ -352,6 +389,27 @@ class Trainer:
 
 
 def train(overrides: dict[str, Any], progress: bool = True) -> dict[str, float]:
-    """Train with defaults < data card < checkpoint (resume) < overrides; returns best.pt's metrics."""
+    """Train with defaults < data card < checkpoint (resume) < overrides; returns best.pt's metrics.
+
+    device=0,1 (several GPUs) outside torchrun launches one rank per GPU with torchrun and waits for them.
+    """
     setup_logging()
-    return Trainer(overrides, progress=progress).fit()
+    if "," in str(overrides.get("device", "")) and distributed.world_size() == 1:
+        return launch_ranks(overrides)
+    try:
+        return Trainer(overrides, progress=progress).fit()
+    finally:
+        distributed.cleanup()
+
+
+def launch_ranks(overrides: dict[str, Any]) -> dict[str, float]:
+    """Run this training on each GPU of overrides['device'] through torchrun; returns rank 0's metrics."""
+    config = make_config(overrides)
+    run_dir = make_run_dir(config.project, config.name, config.exist_ok)  # the ranks reuse this folder
+    args = [f"{k}={v}" for k, v in {**overrides, "project": str(run_dir.parent), "name": run_dir.name,
+                                    "exist_ok": True}.items()]
+    command, env = distributed.launch_command(config.device, args)
+    logger.info("launching %s", " ".join(command))
+    if subprocess.run(command, env=env, check=False).returncode != 0:
+        raise DetectorError(f"a rank of the distributed run failed: see its output above and {run_dir}/train.log")
+    return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))

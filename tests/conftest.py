@@ -24,18 +24,20 @@ def datasets_dir() -> Path:
     return path
 
 
-def tiny_shapes_setup(root: Path, *, num_train: int, image_size: int, seed: int) -> dict[str, str]:
-    """A small shapes set whose val split is its train split, and a very small model scale.
+TINY_SCALE = {"scale": "tiny", "depth": 0.33, "width": 0.125, "max_channels": 256}
 
-    Returns the `data` (card path) and `model` (scale YAML path) settings.
-    """
+
+def make_tiny_setup(root: Path, *, seed: int, num_train: int, num_val: int, image_size: int,
+                    val_is_train: bool = False) -> dict[str, str]:
+    """A small generated shapes set with its data card, and a very small model scale: {data, model} paths."""
     from detector.data.shapes import generate_shapes
 
-    generate_shapes(root / "shapes", seed=seed, num_train=num_train, num_val=2, image_size=image_size)
+    generate_shapes(root / "shapes", seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
+    val = "train" if val_is_train else "val"
     card = root / "tiny.yaml"
-    card.write_text(yaml.safe_dump({
-        "path": str(root / "shapes"), "train": "images/train", "val": "images/train",
-        "train_json": "annotations/instances_train.json", "val_json": "annotations/instances_train.json"}))
+    card.write_text(yaml.safe_dump({"path": str(root / "shapes"), "train": "images/train", "val": f"images/{val}",
+                                    "train_json": "annotations/instances_train.json",
+                                    "val_json": f"annotations/instances_{val}.json"}))
     scale = root / "tiny_model.yaml"
-    scale.write_text(yaml.safe_dump({"scale": "tiny", "depth": 0.33, "width": 0.125, "max_channels": 256}))
+    scale.write_text(yaml.safe_dump(TINY_SCALE))
     return {"data": str(card), "model": str(scale)}

@@ -21,7 +21,7 @@ from detector.interrupt import StopRequest
 from detector.loss import DetectionLoss
 from detector.runs import make_run_dir
 from detector.trainer import Trainer, train
-from tests.conftest import REPO, tiny_shapes_setup
+from tests.conftest import REPO, make_tiny_setup
 
 # 12 images in batches of 4 with nbs 8: 3 batches per epoch, an optimizer step every 2 batches, so
 # every epoch ends inside an accumulation window (its gradients must survive the save). Mosaic is on
@@ -29,9 +29,10 @@ from tests.conftest import REPO, tiny_shapes_setup
 SETTINGS = dict(imgsz=64, batch=4, nbs=8, epochs=3, workers=0, threads=1, val=False, plots=False, close_mosaic=1)
 
 # The child: pause where told (after global batch N, or in the middle of writing the K-th checkpoint),
-# touch the marker and wait until the parent removes it (or kills us).
+# write its pid to the marker and wait until the parent removes it (or kills it). Under torchrun only
+# the rank named by PAUSE_RANK pauses.
 CHILD = r"""
-import io, sys, time
+import io, os, sys, time
 from pathlib import Path
 import torch
 import detector.engine as engine
@@ -40,7 +41,9 @@ from detector.cli import main
 marker, where, at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 
 def pause():
-    marker.write_text("paused")
+    if os.environ.get("RANK", "0") != os.environ.get("PAUSE_RANK", "0"):
+        return
+    marker.write_text(str(os.getpid()))
     deadline = time.monotonic() + 60
     while marker.exists() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -73,7 +76,8 @@ sys.exit(main(["train", *sys.argv[4:]]))
 def tiny(tmp_path_factory):
     """A 12-image shapes set (val = train), a very small model scale, and an uninterrupted reference run."""
     root = tmp_path_factory.mktemp("interrupt")
-    args = {**SETTINGS, **tiny_shapes_setup(root, num_train=12, image_size=96, seed=5), "project": str(root / "runs")}
+    paths = make_tiny_setup(root, seed=5, num_train=12, num_val=2, image_size=96, val_is_train=True)
+    args = {**SETTINGS, **paths, "project": str(root / "runs")}
     threads = torch.get_num_threads()
     train({**args, "name": "straight"}, progress=False)
     yield {"args": args, "runs": root / "runs", "reference": load_checkpoint(root / "runs" / "straight" / "weights"
@@ -81,13 +85,17 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def start_child(tiny, name, where, at, marker):
+def start_child(tiny, name, where, at, marker, ranks=1):
     cli = [f"{k}={v}" for k, v in {**tiny["args"], "name": name}.items()]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), where, str(at), *cli], env=env,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "PAUSE_RANK": str(ranks - 1), "OMP_NUM_THREADS": "1"}
+    script = marker.with_name("child.py")
+    script.write_text(CHILD)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    child = subprocess.Popen([sys.executable, *launcher, str(script), str(marker), where, str(at), *cli], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not marker.exists():
+    while not marker.exists() or not marker.read_text():
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
             pytest.fail(f"the child never reached its pause point:\n{child.communicate()[1][-3000:]}")
@@ -149,6 +157,26 @@ def test_sigint_mid_epoch_saves_last_pt_there_and_resumes_from_that_batch(tiny, 
     assert saved["grads"]  # batch 5 opened an accumulation window: its gradients were saved with it
     train({"resume": True, "project": str(tiny["runs"]), "name": "ctrl_c"}, progress=False)
     assert_same_run(tiny, "ctrl_c")
+
+
+def test_under_ddp_a_signal_to_one_rank_stops_all_after_the_same_batch(tiny, tmp_path):
+    # Two gloo ranks of 2 images each; rank 1 pauses after global batch 5 (inside an accumulation window,
+    # so the saved gradients are the ranks' mean) and gets SIGINT. Rank 0 waits for it in the gradient
+    # all-reduce of the next batch; both must then stop after batch 5 with no rank left hanging.
+    marker = tmp_path / "marker"
+    child = start_child(tiny, "ddp", "batch", 5, marker, ranks=2)
+    os.kill(int(marker.read_text()), signal.SIGINT)
+    time.sleep(0.2)
+    marker.unlink()
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode != 0
+    assert stderr.count(": saved ") == 1 and "after 2 batches of epoch 2" in stderr, stderr[-3000:]  # by rank 0
+    saved = load_checkpoint(tiny["runs"] / "ddp" / "weights" / "last.pt")
+    assert saved["epoch"] == 1 and saved["loop"]["epoch_batches"] == 2 and saved["loop"]["iteration"] == 5
+    assert saved["grads"] and saved["plan"]["world_size"] == 2
+    result = train({"resume": True, "project": str(tiny["runs"]), "name": "ddp"}, progress=False)
+    assert result["epochs_run"] == 3
+    assert load_checkpoint(tiny["runs"] / "ddp" / "weights" / "last.pt")["loop"]["iteration"] == 9
 
 
 def test_sigint_during_an_epoch_end_save_stops_right_after_it(tiny, monkeypatch):

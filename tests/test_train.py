@@ -15,13 +15,14 @@ from detector import Model
 from detector.checkpoint import load_checkpoint
 from detector.data.coco import CocoDataset
 from detector.trainer import Trainer, train
-from tests.conftest import REPO, tiny_shapes_setup
+from tests.conftest import REPO, make_tiny_setup
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A 16-image shapes set whose val split is its train split, and a very small model scale."""
-    return tiny_shapes_setup(tmp_path_factory.mktemp("data"), num_train=16, image_size=128, seed=3)
+    return make_tiny_setup(tmp_path_factory.mktemp("data"), seed=3, num_train=16, num_val=4, image_size=128,
+                           val_is_train=True)
 
 
 def settings(tiny_setup, tmp_path, **extra):
