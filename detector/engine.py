@@ -84,7 +84,6 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     """
     state = ctx.state
     accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
-    window_start = state.iteration == state.last_step  # no gradient accumulated yet: .grad is this batch's
     while True:
         out_of_memory = False
         try:
@@ -97,6 +96,7 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
         if not out_of_memory:
             break
         _split_after_oom(ctx, len(images))  # outside the except block, so the memory can really be freed
+    window_start = state.iteration == state.last_step  # nothing accumulated before: .grad is this batch's
     state.iteration += 1
     if items is None:
         state.bad_steps += 1
@@ -107,9 +107,10 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
                                 "(try a lower lr0, amp=false, or check the labels)")
         return None
     state.bad_steps = 0
-    if ctx.noise is not None and window_start:
-        ctx.noise.measure(ctx, images, targets)
-    if state.iteration - state.last_step >= accumulate:
+    window_end = state.iteration - state.last_step >= accumulate
+    if ctx.noise is not None:
+        ctx.noise.observe(ctx, images, targets, first=window_start, last=window_end)
+    if window_end:
         optimizer_step(ctx)
     return items
 

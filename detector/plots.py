@@ -265,37 +265,17 @@ def plot_labels(classes: Any, boxes_xyxy: Any, image_size: int | tuple[int, int]
     return _save_figure(figure, out_path)
 
 
-def plot_lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
-               out_path: Path, title: str = "", log_x: bool = False) -> Path:
-    """Plots one or more named series against shared x values (for benchmarks).
-
-    Args:
-        x: The x values, one per point.
-        series: Name -> y values, each as long as x (NaN leaves a gap).
-        xlabel: Label of the x axis.
-        ylabel: Label of the y axis.
-        out_path: PNG to write.
-        title: Figure title.
-        log_x: A base-2 logarithmic x axis (batch sizes that double).
-
-    Returns:
-        out_path.
-
-    Raises:
-        ValueError: A series has a different length from x.
-    """
-    return plot_curves({name: (x, values) for name, values in series.items()}, xlabel, ylabel, out_path,
-                       title=title, log_x=log_x)
-
-
 def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
                 out_path: Path, title: str = "", log_x: bool = False, fitted: dict[str, tuple] | None = None) -> Path:
     """Plots named curves, each with its own x values, and optional fitted lines (dashed, no markers).
 
     Args:
         curves: Name -> (x values, y values) of equal length (NaN leaves a gap).
+        xlabel, ylabel: Axis labels.
+        out_path: PNG to write.
+        title: Figure title.
+        log_x: A base-2 logarithmic x axis (batch sizes that double).
         fitted: Name -> (x values, y values) drawn as dashed lines, e.g. a model fitted to the curves.
-        Others as in plot_lines.
 
     Raises:
         ValueError: A curve's x and y differ in length.

@@ -73,3 +73,14 @@ def test_the_policy_reaches_the_optimizer(tiny, tmp_path):
 def test_bad_batches_are_clear_errors(text):
     with pytest.raises(ConfigError, match="batch"):
         parse_batches(text)
+
+
+def test_the_table_says_what_an_unresolved_noise_scale_means():
+    from detector.benchmark import markdown_table
+
+    base = {c: 1 for c in COLUMNS}
+    table = markdown_table([{**base, "images_per_step": 16, "noise_scale": math.inf},
+                            {**base, "images_per_step": 16, "noise_scale": 40.0},
+                            {**base, "images_per_step": 16, "noise_scale": 60.0}])
+    assert "| > 32 |" in table and "inf" not in table
+    assert "median over 2 run(s): 50 images (1 run(s) only as above" in table
