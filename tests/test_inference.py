@@ -158,3 +158,15 @@ def test_fused_conv_bn_computes_the_same_outputs():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     for out, ref in zip(outputs, expected, strict=True):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_a_video_gives_one_result_per_frame_and_drawn_frames(coco8_checkpoint, crops, tmp_path):
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (128, 128))
+    for image in crops[:3]:
+        writer.write(image)
+    writer.release()
+    results = Model(coco8_checkpoint).predict(video, batch=2, conf=0.45, save_dir=tmp_path / "drawn")
+    assert [(r.frame, r.index, r.path) for r in results] == [(i, i, str(video)) for i in range(3)]
+    assert all(r.image.shape == (128, 128, 3) for r in results)  # a video frame cannot be read again: kept
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == [f"clip_{i:06d}.jpg" for i in range(3)]
