@@ -96,7 +96,8 @@ def main() -> None:
                 label = str(batch)
                 if batch == -1:
                     decision = inference_batch(forwards["fused"].model, image_size=size, device=device,
-                                               fraction=0.6, max_batch=1024 if device.type == "cuda" else 256)
+                                               fraction=0.6, max_batch=1024 if device.type == "cuda" else 256,
+                                               conf=args.conf)
                     batch, label = decision.batch, f"-1 -> {decision.batch}"
                     notes.append(decision.log_line())
                 images = pool[torch.arange(batch) % len(pool)]

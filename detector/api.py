@@ -89,7 +89,7 @@ class Model:
         dataset = CocoDataset(card.val_images, card.val_json, skip_bad_images=config.skip_bad_images)
         image_size = round_image_size(config.imgsz)
         model = self._fused_model(device)
-        batch = self._batch(config.batch, config.auto_batch_fraction, image_size, device, len(dataset))
+        batch = self._batch(config.batch, config.auto_batch_fraction, image_size, device, len(dataset), config.conf)
         loader = build_dataloader(dataset, train=False, image_size=image_size, batch_size=batch,
                                   workers=config.workers, seed=config.seed)
         detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
@@ -138,7 +138,7 @@ class Model:
             names, category_ids = self.names, list(self.checkpoint["category_ids"])
         frames = count_frames(source) if settings.auto_batch_fraction is not None else None
         batch = self._batch(settings.batch, settings.auto_batch_fraction, image_size, device,
-                            STREAM_MAX_BATCH if frames is None else max(frames, 1))
+                            STREAM_MAX_BATCH if frames is None else max(frames, 1), settings.conf)
         results = predict(forward, source, names=names, category_ids=category_ids, image_size=image_size,
                           batch=batch, max_wait_ms=max_wait_ms, conf=settings.conf, iou=settings.iou,
                           max_det=settings.max_det)
@@ -196,17 +196,17 @@ class Model:
         return self._onnx[device.type]
 
     def _batch(self, batch: float, fraction: float | None, image_size: int, device: torch.device,
-               max_batch: int) -> int:
-        """`batch` when fixed; else AutoBatch's inference batch (measured once per size, device and cap)."""
+               max_batch: int, conf: float) -> int:
+        """`batch` when fixed; else AutoBatch's inference batch (measured once per size, device, cap and conf)."""
         if fraction is None:
             return int(batch)
         if self.detector is None:
             raise ConfigError("batch=-1 (AutoBatch) measures a PyTorch model's memory; give batch=N for an "
                               "ONNX model")
-        key = (str(device), image_size, fraction, max_batch)
+        key = (str(device), image_size, fraction, max_batch, conf)
         if key not in self._auto_batches:
             decision = inference_batch(self._fused_model(device), image_size=image_size, device=device,
-                                       fraction=fraction, max_batch=max_batch)
+                                       fraction=fraction, max_batch=max_batch, conf=conf)
             self._auto_batches[key] = decision.batch
         return self._auto_batches[key]
 

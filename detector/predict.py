@@ -108,13 +108,15 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
 
 
 def inference_batch(model: nn.Module, *, image_size: int, device: torch.device, fraction: float, max_batch: int,
-                    amp_dtype: torch.dtype | None = None, probe: MemoryProbe | None = None,
+                    conf: float = 0.25, amp_dtype: torch.dtype | None = None, probe: MemoryProbe | None = None,
                     clock: Callable[[], float] = time.perf_counter) -> Decision:
     """AutoBatch for inference: the batch that fills `fraction` of the device with forward-only steps.
 
     The measured step is detector/autobatch_step.make_inference_step (a copy of the model, no gradients,
-    decoding and NMS at its worst case), so the batch is far larger than training's at the same memory.
-    On CPU images/s takes part, as in training.
+    decoding and NMS), so the batch is far larger than training's at the same memory. Where memory decides
+    (GPUs) NMS runs at its worst case, conf 0; on CPU, where images/s takes part as in training, it runs at
+    the run's `conf`, since the worst case's 30,000 candidates would cost more than the forward and make
+    the choice a measure of NMS.
 
     Args:
         model: the model inference will run (fused or not, as it will run).
@@ -122,6 +124,7 @@ def inference_batch(model: nn.Module, *, image_size: int, device: torch.device, 
         device: where inference runs.
         fraction: share of the device's memory to fill, in (0, 1).
         max_batch: the most frames a batch can hold (the source's length, when known).
+        conf: the NMS score threshold inference will use.
         amp_dtype: autocast dtype of inference, None for full precision.
         probe: memory reader (default: the device's; tests inject one).
         clock: seconds counter (tests inject one).
@@ -129,12 +132,14 @@ def inference_batch(model: nn.Module, *, image_size: int, device: torch.device, 
     Raises:
         AutoBatchError: not even one image fits.
     """
-    step = make_inference_step(model, image_size=image_size, device=device, amp_dtype=amp_dtype)
+    by_throughput = device.type == "cpu"
+    step = make_inference_step(model, image_size=image_size, device=device, amp_dtype=amp_dtype,
+                               conf=conf if by_throughput else 0.0)
     probe = probe or probe_for(device)
     try:
         # Up to 2**10 sampled: forward-only steps are small, so the useful range reaches far past training's.
         return choose_batch(step, probe, fraction=fraction, max_batch=max_batch, max_samples=11,
-                            measure_throughput=device.type == "cpu", clock=clock, label="inference")
+                            measure_throughput=by_throughput, clock=clock, label="inference")
     finally:
         del step  # the probe's model copy
         probe.cleanup()
