@@ -149,6 +149,26 @@ def _box_labels(classes: np.ndarray, names: Sequence[str], scores: np.ndarray | 
     return [f"{label} {score:.2f}" for label, score in zip(labels, scores, strict=True)]
 
 
+def draw_detections(image_rgb: np.ndarray, boxes_xyxy: Any, classes: Any, names: Sequence[str],
+                    scores: Any | None = None) -> np.ndarray:
+    """A copy of an image with boxes and 'name score' labels, coloured by class as in plot_batch.
+
+    Args:
+        image_rgb: uint8 (H, W, 3) RGB.
+        boxes_xyxy: float (K, 4) pixels of the image.
+        classes: int (K,) class indices into names (a class past the end is shown as its number).
+        names: class names.
+        scores: optional (K,) confidences shown after the names.
+    """
+    boxes = _to_numpy(boxes_xyxy).reshape(-1, 4).astype(np.float64)
+    classes = _to_numpy(classes).reshape(-1)
+    rows = np.concatenate([np.zeros((len(boxes), 1)), classes[:, None].astype(np.float64), boxes], axis=1)
+    labels = _box_labels(classes, names, None if scores is None else _to_numpy(scores).reshape(-1))
+    image = np.ascontiguousarray(image_rgb).copy()
+    _draw_boxes(image, rows, labels, 1.0)
+    return image
+
+
 def plot_batch(images: Any, targets: Any, names: Sequence[str], out_path: Path, *, max_images: int = 16,
                scores: Any | None = None) -> Path:
     """Draws a batch as a mosaic of its images with their boxes and class names.
