@@ -8,8 +8,10 @@ stop), which it broadcasts.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 import sys
 from datetime import timedelta
 from typing import Any
@@ -178,3 +180,19 @@ def launch_command(devices: str, argv: list[str]) -> tuple[list[str], dict[str, 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(indices)}",
                "-m", "detector", "train", *args, "device=0"]
     return command, {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(indices)}
+
+
+def launch_ranks(overrides: dict[str, Any]) -> dict[str, float]:
+    """Run a training on each GPU of overrides['device'] through torchrun; returns rank 0's metrics."""
+    from detector.config import make_config
+    from detector.runs import make_run_dir
+
+    config = make_config(overrides)
+    run_dir = make_run_dir(config.project, config.name, config.exist_ok)  # the ranks reuse this folder
+    args = [f"{k}={v}" for k, v in {**overrides, "project": str(run_dir.parent), "name": run_dir.name,
+                                    "exist_ok": True}.items()]
+    command, env = launch_command(config.device, args)
+    logger.info("launching %s", " ".join(command))
+    if subprocess.run(command, env=env, check=False).returncode != 0:
+        raise DetectorError(f"a rank of the distributed run failed: see its output above and {run_dir}/train.log")
+    return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))

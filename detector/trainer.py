@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import subprocess
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader, set_epoch
 from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
-from detector.errors import ConfigError, DetectorError
+from detector.errors import ConfigError
 from detector.interrupt import StopRequest
 from detector.loss import DetectionLoss
 from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
@@ -78,10 +77,6 @@ def find_last_checkpoint(resume: str, overrides: dict[str, Any]) -> Path:
     if not last.is_file():
         raise ConfigError(f"resume=true but {last} does not exist: give resume=<path to last.pt>")
     return last
-
-
-def model_args_of(model: Detector) -> dict[str, Any]:
-    return dict(model.model_args)
 
 
 def build_detector(config: Config, num_classes: int, checkpoint: dict | None) -> Detector:
@@ -332,7 +327,7 @@ class Trainer:
             "grads": pending_gradients(self.model),
             "config": self.config.to_dict(),
             "plan": asdict(self.plan),
-            "model_args": model_args_of(self.model),
+            "model_args": dict(self.model.model_args),
             "names": list(self.names),
             "category_ids": list(self.train_data.category_ids),
         }
@@ -395,21 +390,9 @@ def train(overrides: dict[str, Any], progress: bool = True) -> dict[str, float]:
     """
     setup_logging()
     if "," in str(overrides.get("device", "")) and distributed.world_size() == 1:
-        return launch_ranks(overrides)
+        return distributed.launch_ranks(overrides)
     try:
         return Trainer(overrides, progress=progress).fit()
     finally:
         distributed.cleanup()
 
-
-def launch_ranks(overrides: dict[str, Any]) -> dict[str, float]:
-    """Run this training on each GPU of overrides['device'] through torchrun; returns rank 0's metrics."""
-    config = make_config(overrides)
-    run_dir = make_run_dir(config.project, config.name, config.exist_ok)  # the ranks reuse this folder
-    args = [f"{k}={v}" for k, v in {**overrides, "project": str(run_dir.parent), "name": run_dir.name,
-                                    "exist_ok": True}.items()]
-    command, env = distributed.launch_command(config.device, args)
-    logger.info("launching %s", " ".join(command))
-    if subprocess.run(command, env=env, check=False).returncode != 0:
-        raise DetectorError(f"a rank of the distributed run failed: see its output above and {run_dir}/train.log")
-    return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
