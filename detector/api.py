@@ -1,8 +1,10 @@
-"""The Python API: Model().train(...), .val(...), .predict(...), .info()."""
+"""The Python API: Model().train(...), .val(...), .predict(...), .export(...), .info()."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +17,38 @@ from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
 from detector.engine import predict_loader
-from detector.errors import DetectorError
+from detector.errors import ConfigError, DetectorError
+from detector.export import ONNX_OPSET, OnnxForward, export_onnx
 from detector.metrics import coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model, model_info
-from detector.predict import Result, predict
+from detector.predict import STREAM_MAX_BATCH, TorchForward, inference_batch, predict
+from detector.results import Result
 from detector.runs import select_device, set_threads, setup_logging
+from detector.sources import count_frames
 from detector.trainer import train
 
 logger = logging.getLogger(__name__)
 
 
 class Model:
-    """A detector to train, validate and run.
+    """A detector to train, validate, run and export.
 
     Model() is the default scale (n); Model("s") or Model("cfg/models/s.yaml") another scale;
-    Model("runs/detect/train/weights/best.pt") a trained checkpoint.
+    Model("runs/detect/train/weights/best.pt") a trained checkpoint; Model("best.onnx") an exported
+    model, which can predict (on onnxruntime).
     """
 
     def __init__(self, model: str | Path = "n"):
         self.spec = str(model)
         self.checkpoint: dict | None = None
         self.detector: Detector | None = None
+        self._fused: Detector | None = None  # Conv+BN folded copy of detector, for inference
+        self._auto_batches: dict[tuple, int] = {}  # AutoBatch's inference choices, by what they depend on
+        self._onnx: dict[str, OnnxForward] = {}  # onnxruntime sessions by device
         if self.spec.endswith(".pt"):
             self._load(self.spec)
+        elif self.spec.endswith(".onnx"):
+            self._onnx_forward(torch.device("cpu"))  # reads the metadata now: a wrong file fails here
 
     def _load(self, path: str) -> None:
         self.checkpoint = load_checkpoint(path)
@@ -45,9 +56,12 @@ class Model:
         self.detector.load_state_dict(self.checkpoint["model"])
         self.detector.eval()
         self.spec = str(path)
+        self._fused, self._auto_batches = None, {}
 
     @property
     def names(self) -> list[str]:
+        if self.spec.endswith(".onnx"):
+            return list(self._onnx_forward(torch.device("cpu")).names)
         return list(self.checkpoint["names"]) if self.checkpoint else []
 
     def train(self, **overrides: Any) -> dict[str, float]:
@@ -61,7 +75,11 @@ class Model:
         return metrics
 
     def val(self, **overrides: Any) -> dict[str, float]:
-        """COCO mAP of a trained model on the validation split of `data` (default: the data it trained on)."""
+        """COCO mAP of a trained model on the validation split of `data` (default: the data it trained on).
+
+        batch=N validates N images per step; batch=-1 (or a fraction) lets AutoBatch size the step from
+        forward-only samples. The model runs with Conv+BN fused.
+        """
         self._require_weights("val")
         setup_logging()
         config = make_config({**self.checkpoint["config"], "resume": False, **overrides})
@@ -69,44 +87,145 @@ class Model:
         device = select_device(config.device)
         set_threads(config.threads)
         dataset = CocoDataset(card.val_images, card.val_json, skip_bad_images=config.skip_bad_images)
-        batch = 16 if config.auto_batch_fraction is not None else int(config.batch)
-        loader = build_dataloader(dataset, train=False, image_size=round_image_size(config.imgsz),
-                                  batch_size=batch, workers=config.workers, seed=config.seed)
-        model = self.detector.to(device)
+        image_size = round_image_size(config.imgsz)
+        model = self._fused_model(device)
+        batch = self._batch(config.batch, config.auto_batch_fraction, image_size, device, len(dataset), config.conf)
+        loader = build_dataloader(dataset, train=False, image_size=image_size, batch_size=batch,
+                                  workers=config.workers, seed=config.seed)
         detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
                                                conf=config.conf, iou=config.iou, max_det=config.max_det)
         names = dict(zip(dataset.category_ids, dataset.names, strict=True))
         metrics = coco_evaluate(load_ground_truth(dataset.annotation_json), detections, image_ids, names)
-        logger.info("val: mAP50-95 %.4f mAP50 %.4f P %.3f R %.3f on %d images", metrics.map50_95, metrics.map50,
-                    metrics.precision, metrics.recall, len(image_ids))
+        logger.info("val: mAP50-95 %.4f mAP50 %.4f P %.3f R %.3f on %d images (batch %d)", metrics.map50_95,
+                    metrics.map50, metrics.precision, metrics.recall, len(image_ids), batch)
         return {**metrics.as_row(), "fitness": metrics.fitness}
 
-    def predict(self, source, *, imgsz: int | None = None, batch: int = 8, conf: float = 0.25, iou: float = 0.7,
-                max_det: int = 300, device: str = "", save_dir: str | Path | None = None) -> list[Result]:
-        """Detect objects in an image, a folder, a glob or a list of them; optionally save drawn copies."""
-        self._require_weights("predict")
-        image_size = round_image_size(imgsz or self.checkpoint["config"]["imgsz"])
-        model = self.detector.to(select_device(device))
-        results = predict(model, self.names, source, image_size=image_size, batch=batch, conf=conf, iou=iou,
-                          max_det=max_det)
+    def predict(self, source, *, imgsz: int | None = None, batch: float = 8, max_wait_ms: float | None = None,
+                conf: float = 0.25, iou: float = 0.7, max_det: int = 300, device: str = "",
+                save_dir: str | Path | None = None, stream: bool = False) -> list[Result] | Iterator[Result]:
+        """Detect objects in images, videos, folders, globs, arrays, or a list or iterable of them.
+
+        Frames are read ahead in a thread and grouped into batches as they arrive; results come in source
+        order. The PyTorch model runs with Conv+BN fused.
+
+        Args:
+            source: see detector/sources.py (e.g. "img.jpg", "dir/", "*.jpg", "clip.mp4", an (H, W, 3)
+                BGR array, a generator of arrays).
+            imgsz: letterbox size (default: the training size; an ONNX model's export size).
+            batch: frames per forward pass; -1 (or a fraction 0 < f < 1) lets AutoBatch choose from
+                forward-only steps, capped at the source's length when it is known.
+            max_wait_ms: longest wait of a batch's first frame for the rest (None: until full), for streams.
+            conf, iou, max_det: NMS settings.
+            device: '', cpu, 0, cuda:0.
+            save_dir: write each image drawn with its boxes there.
+            stream: return a generator (results as they are ready) instead of a list.
+        """
+        if max_wait_ms is not None and not max_wait_ms >= 0:
+            raise ConfigError(f"invalid value max_wait_ms={max_wait_ms!r}: expected milliseconds >= 0 or None")
+        settings = make_config({"imgsz": imgsz or self._trained_size(), "batch": batch, "conf": conf, "iou": iou,
+                                "max_det": max_det, "device": device})
+        device = select_device(settings.device)
+        image_size = round_image_size(settings.imgsz)
+        if self.spec.endswith(".onnx"):
+            forward = self._onnx_forward(device)
+            if image_size != forward.image_size:
+                raise ConfigError(f"{self.spec} was exported at imgsz={forward.image_size}; export again for "
+                                  f"imgsz={image_size}")
+            names, category_ids = forward.names, forward.category_ids
+        else:
+            self._require_weights("predict")
+            forward = TorchForward(self._fused_model(device), device)
+            names, category_ids = self.names, list(self.checkpoint["category_ids"])
+        frames = count_frames(source) if settings.auto_batch_fraction is not None else None
+        batch = self._batch(settings.batch, settings.auto_batch_fraction, image_size, device,
+                            STREAM_MAX_BATCH if frames is None else max(frames, 1), settings.conf)
+        results = predict(forward, source, names=names, category_ids=category_ids, image_size=image_size,
+                          batch=batch, max_wait_ms=max_wait_ms, conf=settings.conf, iou=settings.iou,
+                          max_det=settings.max_det)
         if save_dir is not None:
-            for result in results:
-                result.save(Path(save_dir) / Path(result.path).name)
-        return results
+            results = _saving(results, Path(save_dir))
+        return results if stream else list(results)
+
+    def export(self, format: str = "onnx", *, imgsz: int | None = None, file: str | Path | None = None,
+               opset: int = ONNX_OPSET) -> Path:
+        """Write the model as ONNX: Conv+BN fused, decoding in the graph, a dynamic batch axis, and the
+        metadata (names, category_ids, imgsz, stride) in the file; see detector/export.py for the graph.
+
+        Args:
+            format: "onnx" (the only one).
+            imgsz: input size (default: the training size); fixed in the file, as the anchors are.
+            file: where to write (default: beside the checkpoint, same name, .onnx).
+            opset: ONNX opset version.
+
+        Returns:
+            The path written.
+        """
+        self._require_weights("export")
+        if str(format).lower() != "onnx":
+            raise ConfigError(f"invalid value format={format!r}: export writes onnx only")
+        image_size = round_image_size(make_config({"imgsz": imgsz or self._trained_size()}).imgsz)
+        path = Path(file) if file is not None else Path(self.spec).with_suffix(".onnx")
+        path = export_onnx(self.detector, path, image_size=image_size, names=self.names,
+                           category_ids=list(self.checkpoint["category_ids"]), opset=opset)
+        logger.info("export: wrote %s (ONNX opset %d, imgsz %d, dynamic batch)", path, opset, image_size)
+        return path
 
     def info(self, imgsz: int = 640) -> dict[str, float]:
         """Parameters and GFLOPs at imgsz (80 classes for an untrained scale)."""
+        if self.spec.endswith(".onnx"):
+            raise DetectorError(f"info needs a scale or a .pt checkpoint, not the ONNX file {self.spec}")
         model = self.detector if self.detector is not None else build_model(self.spec, 80)
         info = model_info(model, imgsz)
         print(f"{self.spec}: {info['parameters'] / 1e6:.2f}M parameters, {info['gflops']:.1f} GFLOPs at {imgsz}")
         return info
 
+    def _trained_size(self) -> int:
+        if self.spec.endswith(".onnx"):
+            return self._onnx_forward(torch.device("cpu")).image_size
+        return int(self.checkpoint["config"]["imgsz"]) if self.checkpoint else 640
+
+    def _fused_model(self, device: torch.device) -> Detector:
+        """The trained weights with each BatchNorm folded into its convolution (made once, then moved)."""
+        if self._fused is None:
+            self._fused = copy.deepcopy(self.detector).eval().fuse()
+        return self._fused.to(device)
+
+    def _onnx_forward(self, device: torch.device) -> OnnxForward:
+        if device.type not in self._onnx:
+            self._onnx[device.type] = OnnxForward(self.spec, device)
+        return self._onnx[device.type]
+
+    def _batch(self, batch: float, fraction: float | None, image_size: int, device: torch.device,
+               max_batch: int, conf: float) -> int:
+        """`batch` when fixed; else AutoBatch's inference batch (measured once per size, device, cap and conf)."""
+        if fraction is None:
+            return int(batch)
+        if self.detector is None:
+            raise ConfigError("batch=-1 (AutoBatch) measures a PyTorch model's memory; give batch=N for an "
+                              "ONNX model")
+        key = (str(device), image_size, fraction, max_batch, conf)
+        if key not in self._auto_batches:
+            decision = inference_batch(self._fused_model(device), image_size=image_size, device=device,
+                                       fraction=fraction, max_batch=max_batch, conf=conf)
+            self._auto_batches[key] = decision.batch
+        return self._auto_batches[key]
+
     def _require_weights(self, action: str) -> None:
+        if self.spec.endswith(".onnx"):
+            raise DetectorError(f"Model('{self.spec}') is an exported ONNX model: it can predict, not {action}; "
+                                "load the .pt checkpoint for that")
         if self.detector is None:
             raise DetectorError(f"Model('{self.spec}') has no trained weights to {action}: "
-                             "train() it first or load a .pt checkpoint")
+                                "train() it first or load a .pt checkpoint")
 
     def to(self, device: str | torch.device) -> Model:
         if self.detector is not None:
             self.detector.to(device)
         return self
+
+
+def _saving(results: Iterator[Result], save_dir: Path) -> Iterator[Result]:
+    """Pass results on, writing each one's drawn image into save_dir first."""
+    for result in results:
+        result.save(save_dir / result.file_name)
+        yield result

@@ -39,13 +39,18 @@ def round_batch(batch: int) -> int:
     return batch - batch % 8 if batch >= 16 else batch
 
 
-def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, time_separately: bool = False,
+TIMED_RUNS = 3  # unwatched runs per sample when images/s matters; the fastest counts
+
+
+def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, timed_runs: int = 0,
             clock: Callable[[], float] = time.perf_counter) -> Sample:
     """Run step(batch) once under the probe and return its peak and time, or the OOM it raised.
 
     Args:
-        time_separately: time a second, unwatched run (the CPU tracker's per-op bookkeeping costs a
-            roughly constant time per step, which would make small batches look slow).
+        timed_runs: time this many more, unwatched runs and keep the fastest (the CPU tracker's per-op
+            bookkeeping costs a roughly constant time per step, which would make small batches look slow,
+            and on a shared CPU one run can take twice as long as the next: a single slow sample once
+            stopped sampling at b=4 and chose b=2, which then trained 30% slower than b=8).
 
     Raises:
         Exception: whatever step raised when the probe does not call it out-of-memory.
@@ -58,10 +63,10 @@ def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, time
             step(batch)
             seconds = clock() - started
         peak = probe.peak()
-        if time_separately:
+        for run in range(timed_runs):
             started = clock()
             step(batch)
-            seconds = clock() - started
+            seconds = clock() - started if run == 0 else min(seconds, clock() - started)
     except Exception as err:
         if not probe.is_oom(err):
             raise
@@ -91,7 +96,7 @@ def _sample(step: Callable[[int], None], probe: MemoryProbe, *, budget: int, sta
         if len(good) >= 2 and clock() + 2 * cost > deadline:
             return samples, "time budget spent"  # doubling the batch about doubles the time of a sample
         began = clock()
-        sample = measure(step, probe, batch, time_separately=measure_throughput, clock=clock)
+        sample = measure(step, probe, batch, timed_runs=TIMED_RUNS if measure_throughput else 0, clock=clock)
         cost = clock() - began
         samples.append(sample)
         if not sample.ok:

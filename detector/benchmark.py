@@ -17,9 +17,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from detector.autobatch import measure
+from detector.autobatch import TIMED_RUNS, measure
 from detector.autobatch_records import GIB, Sample, fit_memory
 from detector.autobatch_step import make_probe_step
 from detector.checkpoint import atomic_write_text
@@ -28,7 +29,7 @@ from detector.errors import ConfigError
 from detector.memory import probe_for
 from detector.noise_scale import GradientNoiseProbe
 from detector.plan import amp_dtype_for
-from detector.plots import plot_curves, plot_lines
+from detector.plots import plot_curves
 from detector.runs import make_run_dir
 from detector.trainer import Trainer
 
@@ -143,7 +144,7 @@ def _step_alone(trainer: Trainer) -> Sample:
                            inputs=lambda b: (real.images[:b], real.targets[real.targets[:, 0] < b]))
     probe = probe_for(device)
     measure(step, probe, batch)
-    return measure(step, probe, batch, time_separately=True)
+    return measure(step, probe, batch, timed_runs=TIMED_RUNS)
 
 
 def _write(rows: list[dict], curves: dict[str, tuple], folder: Path) -> None:
@@ -152,21 +153,33 @@ def _write(rows: list[dict], curves: dict[str, tuple], folder: Path) -> None:
     table = markdown_table(rows)
     atomic_write_text(folder / "table.md", table + "\n")
     print(table)
-    ordered = sorted(rows, key=lambda r: r["batch"])
+    # Lines join one run per batch (a fixed batch's, if AutoBatch picked the same); AutoBatch's runs are
+    # drawn as separate points on the plots where their figures differ.
+    fixed = {r["batch"]: r for r in rows if r["decided_by"] != "fixed"}
+    fixed.update({r["batch"]: r for r in rows if r["decided_by"] == "fixed"})
+    ordered = [fixed[b] for b in sorted(fixed)]
+    auto = [r for r in rows if r["decided_by"] != "fixed"]
     x = [r["batch"] for r in ordered]
-    plot_lines(x, {"training loop (loading included)": [r["train_img_s"] for r in ordered],
-                   "training step alone": [r["step_img_s"] for r in ordered]},
-               "batch", "images/s", folder / "speed.png", title="Throughput vs batch", log_x=True)
+
+    def with_auto(series: dict[str, str]) -> dict[str, tuple]:
+        curves = {name: (x, [r[key] for r in ordered]) for name, key in series.items()}
+        for row in auto:
+            for name, key in series.items():
+                curves[f"AutoBatch run (batch {row['batch']}): {name}"] = ([row["batch"]], [row[key]])
+        return curves
+
+    plot_curves(with_auto({"training loop (loading included)": "train_img_s", "training step alone": "step_img_s"}),
+                "batch", "images/s", folder / "speed.png", title="Throughput vs batch", log_x=True)
     fit = fit_memory([Sample(r["batch"], int(r["peak_gib"] * GIB), 1.0) for r in ordered])
     fitted = {}
     if fit is not None:
-        xs = [min(x), max(x)]
+        xs = np.geomspace(min(x), max(x), 50)  # dense, so the straight fit is drawn right on the log axis
         fitted[f"fit: {fit.fixed_bytes / GIB:.3g} GiB + {fit.per_image_bytes / GIB:.3g} GiB/img"] = (
             xs, [fit.predict(b) / GIB for b in xs])
     plot_curves({"peak memory": (x, [r["peak_gib"] for r in ordered])}, "batch", "GiB", folder / "memory.png",
                 title="Peak memory of a training step vs batch", log_x=True, fitted=fitted)
-    plot_lines(x, {"mAP50-95": [r["map50_95"] for r in ordered], "mAP50": [r["map50"] for r in ordered]},
-               "batch", "mAP", folder / "map.png", title="Final mAP vs batch", log_x=True)
+    plot_curves(with_auto({"mAP50-95": "map50_95", "mAP50": "map50"}), "batch", "mAP", folder / "map.png",
+                title="Final mAP vs batch", log_x=True)
     plot_curves(curves, "wall time (min)", "mAP50-95", folder / "map_vs_time.png",
                 title="mAP50-95 vs wall time, per batch")
 
@@ -177,10 +190,21 @@ def markdown_table(rows: list[dict]) -> str:
             "| train img/s | step img/s | peak GiB | optimizer steps | mAP50-95 | mAP50 | B_simple |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
-        lines.append("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
-    noise = [row["noise_scale"] for row in rows if row["noise_scale"] == row["noise_scale"]]  # not NaN
+        lines.append("| " + " | ".join(_cell(row, c) for c in COLUMNS) + " |")
+    noise = [row["noise_scale"] for row in rows if math.isfinite(row["noise_scale"])]
+    unresolved = sum(row["noise_scale"] == math.inf for row in rows)
     if noise:
-        lines.append(f"\nGradient noise scale B_simple, median over the runs: {statistics.median(noise):.0f} images. "
-                     "Batches well below it turn extra images into nearly proportional progress per step; "
-                     "well above it, larger batches mostly add compute per step.")
+        median = statistics.median(noise)
+        note = f" ({unresolved} run(s) only as above twice their images per step)" if unresolved else ""
+        lines.append(f"\nGradient noise scale B_simple, median over {len(noise)} run(s): {median:.0f} images{note}. "
+                     "Images per optimizer step well below B_simple turn extra images into nearly proportional "
+                     "progress per step; well above it, more images per step mostly add compute.")
     return "\n".join(lines)
+
+
+def _cell(row: dict, column: str) -> str:
+    """An infinite noise scale means the gradient's signal stayed below its noise at the batch sizes
+    measured: the scale is beyond about twice the images per step (the largest batch measured)."""
+    if column == "noise_scale" and row[column] == math.inf:
+        return f"> {2 * row['images_per_step']}"
+    return str(row[column])

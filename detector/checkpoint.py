@@ -6,38 +6,15 @@ progress counters and RNG states: nothing that needs pickle to run code when it 
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from detector.atomic import atomic_write_bytes
+from detector.atomic import atomic_write_text as atomic_write_text  # re-exported for callers of this module
 from detector.errors import DetectorError
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`.
-
-    A crash at any point leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -79,3 +56,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pending_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The gradients accumulated since the last optimizer step (empty right after a step).
+
+    A run saved inside an accumulation window (an epoch whose batches do not divide by the
+    accumulation, or a stop mid-epoch) must carry them, or the resumed run's next step would
+    average fewer batches than the uninterrupted run's.
+    """
+    return {name: p.grad.detach() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def restore_gradients(model: torch.nn.Module, gradients: dict[str, torch.Tensor]) -> None:
+    for name, parameter in model.named_parameters():
+        if name in gradients:
+            parameter.grad = gradients[name].to(parameter.device, parameter.dtype)

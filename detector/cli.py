@@ -13,7 +13,8 @@ from detector.errors import DetectorError
 
 USAGE = """usage: detector train [key=value ...]      train (python train.py is the same)
        detector val model=best.pt [data=...]  COCO mAP of a checkpoint
-       detector predict model=best.pt source=PATH [conf=0.25 save_dir=DIR]
+       detector predict model=best.pt source=PATH [conf=0.25 batch=8 max_wait_ms=50 save_dir=DIR]
+       detector export model=best.pt [imgsz=640 file=best.onnx]   ONNX, dynamic batch (needs detector[export])
        detector benchmark batches=2,4,8,16,-1 [key=value ...]   what batch size does to speed, memory, mAP
        detector convert images=DIR labels=DIR out=FILE.json names=data.yaml   YOLO txt -> COCO JSON
        detector help                          every setting with its default"""
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: weights/last.pt holds the last finished epoch; continue with resume=true",
+        print("interrupted: weights/last.pt of the run holds the progress saved last; continue with resume=true",
               file=sys.stderr)
         return 130
 
@@ -44,7 +45,7 @@ def _run(command: str, argv: list[str]) -> int:
         setup_logging()
         train(parse_cli(argv))
         return 0
-    if command in ("val", "predict"):
+    if command in ("val", "predict", "export"):
         return _inference(command, argv)
     if command == "convert":
         return _convert(argv)
@@ -57,7 +58,7 @@ def _run(command: str, argv: list[str]) -> int:
         batches = [a.partition("=")[2] for a in argv if a.startswith("batches=")]
         benchmark(batches[-1] if batches else "2,4,8,16,-1", **overrides)
         return 0
-    raise DetectorError(f"unknown command '{command}': use train, val, predict, benchmark, convert or help")
+    raise DetectorError(f"unknown command '{command}': use train, val, predict, export, benchmark, convert or help")
 
 
 def _pairs(argv: list[str], allowed: set[str], command: str) -> dict[str, str]:
@@ -78,22 +79,35 @@ def _inference(command: str, argv: list[str]) -> int:
     setup_logging()
     args = {k: v for k, v in (a.partition("=")[::2] for a in argv)}
     if "model" not in args:
-        raise DetectorError(f"{command} needs model=<path to a .pt checkpoint>")
+        onnx = " or an exported .onnx" if command == "predict" else ""
+        raise DetectorError(f"{command} needs model=<path to a .pt checkpoint{onnx}>")
     model = Model(args.pop("model"))
     if command == "val":
         model.val(**parse_cli([f"{k}={v}" for k, v in args.items()]))
         return 0
-    options = _pairs([f"{k}={v}" for k, v in args.items()], {"source", "conf", "iou", "imgsz", "batch",
-                                                              "save_dir", "device"}, command)
+    if command == "export":
+        print(f"wrote {model.export(**_pairs([f'{k}={v}' for k, v in args.items()], {'imgsz', 'file'}, command))}")
+        return 0
+    options = _pairs([f"{k}={v}" for k, v in args.items()], {"source", "conf", "iou", "imgsz", "batch", "max_det",
+                                                              "max_wait_ms", "save_dir", "device"}, command)
     if "source" not in options:
-        raise DetectorError("predict needs source=<image, folder or glob>")
+        raise DetectorError("predict needs source=<image, video, folder or glob>")
     source = options.pop("source")
-    typed = {k: (float(v) if k in ("conf", "iou") else int(v) if k in ("imgsz", "batch") else v)
-             for k, v in options.items()}
-    for result in model.predict(source, **typed):
+    if "max_wait_ms" in options:
+        options["max_wait_ms"] = _milliseconds(options["max_wait_ms"])
+    # imgsz, batch, conf, iou and max_det stay strings: Model.predict converts and checks them like settings.
+    for result in model.predict(source, stream=True, **options):
         found = ", ".join(f"{label} {score:.2f}" for label, score in zip(result.labels, result.scores, strict=True))
-        logging.getLogger("detector").info("%s: %s", result.path, found or "nothing")
+        where = result.path + (f" frame {result.frame}" if result.frame is not None else "")
+        logging.getLogger("detector").info("%s: %s", where, found or "nothing")
     return 0
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DetectorError(f"invalid value max_wait_ms={text!r}: expected milliseconds, e.g. 50") from None
 
 
 def _convert(argv: list[str]) -> int:

@@ -39,6 +39,7 @@ class Config:
     threads: int
     amp: bool
     channels_last: bool
+    sync_bn: str
     cache: bool
     skip_bad_images: bool
     seed: int
@@ -177,6 +178,8 @@ def convert(key: str, value: Any) -> Any:
             return _optimizer_name(value)
         if key == "cache":
             return _bool(value, extra_true={"ram"})
+        if key == "sync_bn":
+            return "auto" if str(value).strip().lower() == "auto" else str(_bool(value)).lower()
         if key == "resume":
             return "" if value in (False, None) or str(value).lower() in _FALSE else str(value)
         if kind == "bool":
@@ -224,6 +227,8 @@ def _fail() -> float:
 def _type_words(key: str, kind: str) -> str:
     if key == "cache":
         return "true, false or ram"
+    if key == "sync_bn":
+        return "true, false or auto"
     return {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "text")
 
 

@@ -8,6 +8,7 @@ import gc
 import logging
 import math
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from detector.distributed import unwrap
 from detector.errors import DetectorError
 from detector.memory import is_out_of_memory
 from detector.optim import ModelEMA, Schedule
@@ -36,6 +38,10 @@ class LoopState:
     optimizer_steps: int = 0
     splits: int = 1             # micro-batches per batch on the device (doubled after each out-of-memory)
     oom_events: list[dict] = field(default_factory=list)  # where and how the batch was split
+    # Progress inside the current epoch; not zero only in a checkpoint saved when a run was stopped mid-epoch.
+    epoch_batches: int = 0      # batches of the epoch done (a resumed loader skips them)
+    epoch_count: int = 0        # of which had a finite loss
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # their summed loss items
 
 
 @dataclass
@@ -89,11 +95,14 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     """
     state = ctx.state
     accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
-    window_start = state.iteration == state.last_step  # no gradient accumulated yet: .grad is this batch's
+    # Under DDP, gradients are averaged over the ranks only on the batch before an optimizer step.
+    steps_next = state.iteration + 1 - state.last_step >= accumulate
+    no_sync = getattr(ctx.model, "no_sync", None) if not steps_next else None
     while True:
         out_of_memory = False
         try:
-            items = _forward_backward(ctx, images, targets)
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                items = _forward_backward(ctx, images, targets)
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
@@ -102,6 +111,7 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
         if not out_of_memory:
             break
         _split_after_oom(ctx, len(images))  # outside the except block, so the memory can really be freed
+    window_start = state.iteration == state.last_step  # nothing accumulated before: .grad is this batch's
     state.iteration += 1
     if items is None:
         state.bad_steps += 1
@@ -112,9 +122,10 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
                                 "(try a lower lr0, amp=false, or check the labels)")
         return None
     state.bad_steps = 0
-    if ctx.noise is not None and window_start:
-        ctx.noise.measure(ctx, images, targets)
-    if state.iteration - state.last_step >= accumulate:
+    window_end = state.iteration - state.last_step >= accumulate
+    if ctx.noise is not None:
+        ctx.noise.observe(ctx, images, targets, first=window_start, last=window_end)
+    if window_end:
         optimizer_step(ctx)
     return items
 
@@ -171,7 +182,7 @@ def optimizer_step(ctx: StepContext) -> None:
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)
     if ctx.ema is not None:
-        ctx.ema.update(ctx.model)
+        ctx.ema.update(unwrap(ctx.model))
     ctx.state.last_step = ctx.state.iteration
     ctx.state.optimizer_steps += 1
 
@@ -183,24 +194,35 @@ def memory_text(device: torch.device) -> str:
 
 
 def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_size: int,
-                    progress: bool = True) -> dict[str, float]:
-    """Train over `loader` once; returns the epoch's mean loss items (loss_box, loss_cls, loss_dfl)."""
+                    progress: bool = True, stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """Train over `loader` once; returns the epoch's mean loss items (loss_box, loss_cls, loss_dfl).
+
+    An epoch may span two runs. `stop` is asked after every batch; once it says True the epoch ends
+    there and None is returned, with the batches done and their loss sums in ctx.state for a
+    checkpoint. A run resumed from it passes a loader that skips those batches (set_epoch), and the
+    sums carry on, so the epoch's means are those of an uninterrupted one.
+    """
     ctx.model.train()
-    sums: dict[str, float] = {}
-    count = 0
+    state = ctx.state
+    sums, count = dict(state.epoch_sums), state.epoch_count
     bar = tqdm(loader, total=len(loader), disable=not progress, leave=True, dynamic_ncols=True,
                bar_format="{l_bar}{bar:12}{r_bar}")
     for batch in bar:
         items = train_step(ctx, batch.images, batch.targets)
-        if items is None:
-            continue
-        count += 1
-        for key, value in items.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        if progress:
+        state.epoch_batches += 1
+        if items is not None:
+            count += 1
+            for key, value in items.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        if progress and count:
             means = " ".join(f"{k.removeprefix('loss_')} {v / count:.3f}" for k, v in sums.items())
             bar.set_description(f"epoch {epoch + 1}/{epochs} mem {memory_text(ctx.device)} {means} "
                                 f"inst {len(batch.targets)} size {image_size}")
+        if stop is not None and stop():
+            bar.close()
+            state.epoch_sums, state.epoch_count = sums, count
+            return None
+    state.epoch_batches, state.epoch_count, state.epoch_sums = 0, 0, {}
     return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
 
 

@@ -6,6 +6,10 @@
 
 Each term is summed over anchors, weighted by the soft target scores, and divided by the sum of those
 scores, so it is a per-image-batch mean that does not depend on how many objects the batch holds.
+
+Under DDP (world_size > 1) the sum of the scores is taken over every rank's batch, and the loss is
+scaled so that DistributedDataParallel's average of the ranks' gradients equals the gradient one
+process would compute on the union of their batches.
 """
 
 from __future__ import annotations
@@ -73,11 +77,13 @@ class DetectionLoss(nn.Module):
         strides: input pixels per cell of each output level.
         reg_max: bins per side distance.
         box_gain, cls_gain, dfl_gain: weights of the three terms.
+        world_size: ranks of a DDP run whose batches form one global batch (1: a single process).
     """
 
     def __init__(self, *, num_classes: int, strides: tuple[int, ...], reg_max: int, box_gain: float = 7.5,
-                 cls_gain: float = 0.5, dfl_gain: float = 1.5):
+                 cls_gain: float = 0.5, dfl_gain: float = 1.5, world_size: int = 1):
         super().__init__()
+        self.world_size = world_size
         self.num_classes, self.strides, self.reg_max = num_classes, tuple(strides), reg_max
         self.gains = {"loss_box": box_gain, "loss_cls": cls_gain, "loss_dfl": dfl_gain}
         self.assigner = TaskAlignedAssigner()
@@ -108,7 +114,10 @@ class DetectionLoss(nn.Module):
         gt_classes, gt_boxes, gt_valid = pad_targets(targets, batch_size)
         assigned = self.assigner(class_logits.detach().sigmoid(), boxes.detach(), points, gt_classes, gt_boxes,
                                  gt_valid)
-        score_sum = assigned.scores.sum().clamp(min=1.0)
+        score_sum = assigned.scores.sum()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(score_sum)  # the normalizer of the global batch
+        score_sum = score_sum.clamp(min=1.0)
         terms = {"loss_cls": F.binary_cross_entropy_with_logits(class_logits, assigned.scores,
                                                                 reduction="sum") / score_sum}
         foreground = assigned.foreground
@@ -121,6 +130,9 @@ class DetectionLoss(nn.Module):
         target_bins = target_bins.clamp(0, self.reg_max - 1 - 0.01)
         dfl = distribution_focal_loss(distance_logits[foreground], target_bins)
         terms["loss_dfl"] = (dfl * weight).sum() / score_sum
-        items = {name: (terms[name] * gain).detach() for name, gain in self.gains.items()}
-        loss = sum(terms[name] * gain for name, gain in self.gains.items()) * batch_size
+        # Each rank's terms are its share of the global batch's: times world_size, an estimate of the whole.
+        # The global batch is batch_size * world_size images, and DDP divides the summed gradients by
+        # world_size: hence world_size squared.
+        items = {name: (terms[name] * gain * self.world_size).detach() for name, gain in self.gains.items()}
+        loss = sum(terms[name] * gain for name, gain in self.gains.items()) * batch_size * self.world_size**2
         return loss, items

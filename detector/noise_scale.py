@@ -83,37 +83,55 @@ def squared_gradient_norm(model: nn.Module) -> float:
 class GradientNoiseProbe:
     """Measures B_simple during training without changing it.
 
-    Every `every`-th time a batch of B >= 2 images starts an accumulation window, the gradient of that
-    batch (the training step's own, |G_B|^2) is paired with the gradient of its first B // 2 images,
-    computed on a shadow copy of the current weights: training never sees the extra pass, and its
-    batch-norm statistics still come from whole batches. Costs about half a step every `every` windows.
+    The trainer's loss is the batch mean times the batch size, so .grad holds the sum of the per-image
+    gradients seen since the last optimizer step. With gradient accumulation that gives both norms for
+    free: after the first batch of a window .grad is b_small times the mean over that batch, and just
+    before the optimizer step it is N times the mean over the whole window of N images (a superset).
+    Without accumulation (one batch per step) the step's gradient is paired with the gradient of the
+    batch's first half, computed on a shadow copy of the current weights so training never sees the
+    extra pass (its batch-norm statistics still come from whole batches); that costs about half a step
+    every `every` steps and is recorded in `seconds` so timings can leave it out.
 
     Args:
-        every: measure at every `every`-th window start.
-        decay: smoothing of the NoiseScale averages.
+        every: without accumulation, measure at every `every`-th step.
+        decay: smoothing of the NoiseScale averages (per measurement).
     """
 
-    def __init__(self, every: int = 2, decay: float = 0.95):
+    def __init__(self, every: int = 2, decay: float = 0.98):
         self.every, self.seen = every, 0
         self.estimate = NoiseScale(decay=decay)
         self.shadow: nn.Module | None = None
-        self.seconds: list[tuple[int, float]] = []  # (iteration, seconds) of each measurement, to subtract
+        self.seconds: list[tuple[int, float]] = []  # (iteration, seconds) of each shadow pass, to subtract
+        self._first: tuple[float, int] | None = None  # (|G_small|^2, b_small) of the open window
+        self._window_images = 0
 
-    def measure(self, ctx, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """Called by engine.train_step after the backward of a batch that started a window."""
-        batch, self.seen = len(images), self.seen + 1
-        if batch < 2 or (self.seen - 1) % self.every:
+    def observe(self, ctx, images: torch.Tensor, targets: torch.Tensor, *, first: bool, last: bool) -> None:
+        """Called by engine.train_step after each batch's backward; `first`/`last`: the batch opens/closes
+        an accumulation window (the optimizer steps right after a `last` batch)."""
+        batch = len(images)
+        scale = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else 1.0
+        if first and last:
+            self.seen += 1
+            if batch >= 2 and not (self.seen - 1) % self.every:
+                started = time.perf_counter()
+                self._measure_half(ctx, images, targets, scale)
+                self.seconds.append((ctx.state.iteration, time.perf_counter() - started))
             return
-        started = time.perf_counter()
-        self._measure(ctx, images, targets)
-        self.seconds.append((ctx.state.iteration, time.perf_counter() - started))
+        if first:
+            self._first = squared_gradient_norm(ctx.model) / (batch * scale) ** 2, batch
+            self._window_images = batch
+            return
+        self._window_images += batch
+        if last and self._first is not None:
+            small_sq, small_batch = self._first
+            big_sq = squared_gradient_norm(ctx.model) / (self._window_images * scale) ** 2
+            self.estimate.update(small_sq, big_sq, small_batch, self._window_images)
+            self._first = None
 
-    def _measure(self, ctx, images: torch.Tensor, targets: torch.Tensor) -> None:
+    def _measure_half(self, ctx, images: torch.Tensor, targets: torch.Tensor, scale: float) -> None:
         from detector.engine import autocast, prepare_images
 
         batch = len(images)
-        scale = ctx.scaler.get_scale() if ctx.scaler.is_enabled() else 1.0
-        # The loss is the batch mean times the batch size, so .grad is B times the mean gradient.
         big_sq = squared_gradient_norm(ctx.model) / (batch * scale) ** 2
         if self.shadow is None:
             self.shadow = copy.deepcopy(ctx.model)

@@ -45,6 +45,7 @@ class Plan:
     amp_dtype: str  # "" = full precision
     batch_source: str = "fixed"  # "fixed", or what decided AutoBatch's choice (memory, throughput, ...)
     val_batch: int = 0  # images per validation step (0 = the training batch)
+    world_size: int = 1  # DDP ranks sharing each batch (batch is the global batch)
 
 
 def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
@@ -55,12 +56,12 @@ def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
 
 
 def make_plan(config: Config, device: torch.device, threads: int, train_size: int, batch: int,
-              batch_source: str = "fixed", val_batch: int = 0) -> Plan:
+              batch_source: str = "fixed", val_batch: int = 0, world_size: int = 1) -> Plan:
     """Derive accumulation, weight decay, optimizer, lr and warm-up for a run that trains at `batch`.
 
     How the recipe follows the batch is config.lr_policy:
-        nbs     accumulate round(nbs / batch) batches per optimizer step, lr unchanged: every batch up
-                to nbs takes the same optimizer steps (the default)
+        nbs     accumulate round(nbs / batch) batches per optimizer step (at most an epoch's), lr
+                unchanged: every batch up to nbs takes the same optimizer steps (the default)
         linear  one step per batch, lr0 * batch / nbs (Goyal et al. 2017; with the warm-up)
         sqrt    one step per batch, lr0 * sqrt(batch / nbs) (the usual rule for Adam-style optimizers)
         none    one step per batch, lr0 unchanged
@@ -68,20 +69,24 @@ def make_plan(config: Config, device: torch.device, threads: int, train_size: in
 
     A fixed batch validates at the same batch (a forward pass without gradients needs less memory than
     the training step that fitted); AutoBatch sizes validation from its own samples (`val_batch`).
+    Under DDP `batch` is the global batch (world_size ranks, batch / world_size images each): the policy
+    follows it, as it follows a single process's batch.
     """
     optimizer, lr0 = config.optimizer, config.lr0
     if optimizer == "auto":
         optimizer, lr0 = "AdamW", AUTO_ADAMW_LR
-    accumulate = max(round(config.nbs / batch), 1) if config.lr_policy == "nbs" else 1
+    batches_per_epoch = math.ceil(train_size / batch)
+    # At least one optimizer step per epoch: 4 coco8 images at batch 4 would otherwise wait 4 epochs.
+    accumulate = max(min(round(config.nbs / batch), batches_per_epoch), 1) if config.lr_policy == "nbs" else 1
     lr0 *= {"nbs": 1.0, "none": 1.0, "linear": batch / config.nbs,
             "sqrt": math.sqrt(batch / config.nbs)}[config.lr_policy]
     weight_decay = config.weight_decay * batch * accumulate / config.nbs
-    warmup_iters = round(config.warmup_epochs * math.ceil(train_size / batch))
+    warmup_iters = round(config.warmup_epochs * batches_per_epoch)
     amp_dtype = amp_dtype_for(config, device)
     return Plan(device=str(device), threads=threads, image_size=round_image_size(config.imgsz), batch=batch,
                 accumulate=accumulate, weight_decay=weight_decay, optimizer=optimizer, lr0=lr0,
                 warmup_iters=warmup_iters, amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else "",
-                batch_source=batch_source, val_batch=val_batch or batch)
+                batch_source=batch_source, val_batch=val_batch or batch // world_size, world_size=world_size)
 
 
 def autobatch_key(config: Config, model: nn.Module, device_name: str, capacity: int, max_boxes: int) -> dict:
@@ -93,14 +98,16 @@ def autobatch_key(config: Config, model: nn.Module, device_name: str, capacity: 
 
 
 def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device: torch.device, num_classes: int,
-               max_boxes: int, train_size: int, val_size: int, run_dir: Path) -> tuple[Decision, Decision]:
+               max_boxes: int, train_size: int, val_size: int, run_dir: Path,
+               save: bool = True) -> tuple[Decision, Decision]:
     """AutoBatch's training and validation batches for this run, measured now or reused from
     run_dir/autobatch.json.
 
     The training probe is the training step at the worst case training meets: the training image size,
     the most boxes of any training image, and the training AMP, memory format, optimizer, EMA and
     clipping. The validation probe is a forward pass without gradients, decoding and NMS at its worst
-    case. On CPU images/s takes part in both choices (memory rarely limits there).
+    case. On CPU images/s takes part in both choices (memory rarely limits there). `save`: write the
+    decisions to run_dir/autobatch.json (rank 0 of a DDP run only).
 
     Raises:
         AutoBatchError: not even the first sampled batch fits.
@@ -133,8 +140,9 @@ def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device
                                       label="training" if phase == "train" else "validation"))
         del step  # frees the probe's model copies, optimizer state and EMA before the next one
         probe.cleanup()
-    atomic_write_text(run_dir / "autobatch.json", json.dumps(
-        {"key": key, "train": decisions[0].to_dict(), "val": decisions[1].to_dict()}, indent=1))
+    if save:
+        atomic_write_text(run_dir / "autobatch.json", json.dumps(
+            {"key": key, "train": decisions[0].to_dict(), "val": decisions[1].to_dict()}, indent=1))
     return decisions[0], decisions[1]
 
 

@@ -1,6 +1,6 @@
 """Pictures of a run: training curves, sample batches with boxes, label statistics, benchmark lines.
 
-Every function writes one PNG atomically (temp file, then rename) and returns its path, so a
+Every function writes one PNG atomically (temp file, fsync, then rename) and returns its path, so a
 reader never sees half a picture. Matplotlib is imported inside the functions and drives its Agg
 canvas directly, never pyplot: importing this module changes no global backend or state.
 """
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+
+from detector.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,36 +41,19 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _temp_path(out_path: Path) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-
-
 def _save_figure(figure: Figure, out_path: Path) -> Path:
     """Writes the figure as a PNG at out_path atomically."""
-    out_path = Path(out_path)
-    temp = _temp_path(out_path)
-    try:
-        figure.savefig(temp, format="png")
-        os.replace(temp, out_path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return out_path
+    atomic_write_bytes(Path(out_path), lambda file: figure.savefig(file, format="png"))
+    return Path(out_path)
 
 
 def _save_image(image_rgb: np.ndarray, out_path: Path) -> Path:
     """Writes a uint8 (H, W, 3) RGB array as a PNG at out_path atomically."""
-    out_path = Path(out_path)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode {out_path} as PNG")
-    temp = _temp_path(out_path)
-    try:
-        temp.write_bytes(encoded.tobytes())
-        os.replace(temp, out_path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return out_path
+    atomic_write_bytes(Path(out_path), lambda file: file.write(encoded.tobytes()))
+    return Path(out_path)
 
 
 def _to_numpy(array: Any) -> np.ndarray:
@@ -165,6 +149,26 @@ def _box_labels(classes: np.ndarray, names: Sequence[str], scores: np.ndarray | 
     return [f"{label} {score:.2f}" for label, score in zip(labels, scores, strict=True)]
 
 
+def draw_detections(image_rgb: np.ndarray, boxes_xyxy: Any, classes: Any, names: Sequence[str],
+                    scores: Any | None = None) -> np.ndarray:
+    """A copy of an image with boxes and 'name score' labels, coloured by class as in plot_batch.
+
+    Args:
+        image_rgb: uint8 (H, W, 3) RGB.
+        boxes_xyxy: float (K, 4) pixels of the image.
+        classes: int (K,) class indices into names (a class past the end is shown as its number).
+        names: class names.
+        scores: optional (K,) confidences shown after the names.
+    """
+    boxes = _to_numpy(boxes_xyxy).reshape(-1, 4).astype(np.float64)
+    classes = _to_numpy(classes).reshape(-1)
+    rows = np.concatenate([np.zeros((len(boxes), 1)), classes[:, None].astype(np.float64), boxes], axis=1)
+    labels = _box_labels(classes, names, None if scores is None else _to_numpy(scores).reshape(-1))
+    image = np.ascontiguousarray(image_rgb).copy()
+    _draw_boxes(image, rows, labels, 1.0)
+    return image
+
+
 def plot_batch(images: Any, targets: Any, names: Sequence[str], out_path: Path, *, max_images: int = 16,
                scores: Any | None = None) -> Path:
     """Draws a batch as a mosaic of its images with their boxes and class names.
@@ -245,37 +249,17 @@ def plot_labels(classes: Any, boxes_xyxy: Any, image_size: int | tuple[int, int]
     return _save_figure(figure, out_path)
 
 
-def plot_lines(x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
-               out_path: Path, title: str = "", log_x: bool = False) -> Path:
-    """Plots one or more named series against shared x values (for benchmarks).
-
-    Args:
-        x: The x values, one per point.
-        series: Name -> y values, each as long as x (NaN leaves a gap).
-        xlabel: Label of the x axis.
-        ylabel: Label of the y axis.
-        out_path: PNG to write.
-        title: Figure title.
-        log_x: A base-2 logarithmic x axis (batch sizes that double).
-
-    Returns:
-        out_path.
-
-    Raises:
-        ValueError: A series has a different length from x.
-    """
-    return plot_curves({name: (x, values) for name, values in series.items()}, xlabel, ylabel, out_path,
-                       title=title, log_x=log_x)
-
-
 def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
                 out_path: Path, title: str = "", log_x: bool = False, fitted: dict[str, tuple] | None = None) -> Path:
     """Plots named curves, each with its own x values, and optional fitted lines (dashed, no markers).
 
     Args:
         curves: Name -> (x values, y values) of equal length (NaN leaves a gap).
+        xlabel, ylabel: Axis labels.
+        out_path: PNG to write.
+        title: Figure title.
+        log_x: A base-2 logarithmic x axis (batch sizes that double).
         fitted: Name -> (x values, y values) drawn as dashed lines, e.g. a model fitted to the curves.
-        Others as in plot_lines.
 
     Raises:
         ValueError: A curve's x and y differ in length.

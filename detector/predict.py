@@ -1,110 +1,145 @@
-"""Inference on image files: sources -> letterboxed batches -> model -> NMS -> results in original pixels."""
+"""Inference: a source -> batches of letterboxed frames -> forward -> NMS -> Results in original pixels, in order.
+
+The forward is anything that maps a uint8 batch (B, 3, S, S) RGB to decoded boxes and scores: the PyTorch
+detector (TorchForward) or an exported ONNX model (detector/export.py), so both share every other step.
+AutoBatch sizes the batch for inference from forward-only steps (inference_batch).
+"""
 
 from __future__ import annotations
 
-import glob
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from detector.autobatch import Decision, choose_batch
+from detector.autobatch_step import make_inference_step
 from detector.data.augment import letterbox
-from detector.engine import prepare_images
-from detector.errors import DataError
-from detector.postprocess import decode, non_max_suppression
+from detector.engine import autocast, prepare_images
+from detector.memory import MemoryProbe, probe_for
+from detector.postprocess import Detections, decode, non_max_suppression
+from detector.results import Result
+from detector.sources import Frame, iter_batches, open_source
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+logger = logging.getLogger(__name__)
+
+# uint8 (B, 3, S, S) RGB -> boxes_xyxy (B, A, 4) input pixels and class probabilities (B, A, C)
+Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+STREAM_MAX_BATCH = 1024  # AutoBatch's cap when a stream's length is unknown (a generator)
+
+
+class TorchForward:
+    """A PyTorch detector as predict calls it: no gradients, decoded outputs."""
+
+    def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None):
+        self.model, self.device, self.amp_dtype = model.to(device).eval(), device, amp_dtype
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.amp_dtype):
+            outputs = self.model(prepare_images(images, self.device, channels_last=False))
+        return decode(outputs, self.model.strides, self.model.reg_max)
 
 
 @dataclass
-class Result:
-    """Detections of one image, in its original pixels."""
-
-    path: str
-    boxes_xyxy: np.ndarray  # float32 (K, 4)
-    scores: np.ndarray      # float32 (K,)
-    classes: np.ndarray     # int64 (K,) contiguous class indices
-    names: list[str]
-
-    @property
-    def labels(self) -> list[str]:
-        return [self.names[c] for c in self.classes]
-
-    def draw(self) -> np.ndarray:
-        """The image (BGR, as OpenCV writes it) with boxes and 'name score' labels."""
-        image = cv2.imread(self.path, cv2.IMREAD_COLOR)
-        for box, score, label in zip(self.boxes_xyxy.astype(int), self.scores, self.labels, strict=True):
-            colour = _colour(label)
-            cv2.rectangle(image, tuple(box[:2]), tuple(box[2:]), colour, 2)
-            cv2.putText(image, f"{label} {score:.2f}", (box[0], max(box[1] - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.5, colour, 1, cv2.LINE_AA)
-        return image
-
-    def save(self, out_path: str | Path) -> Path:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out_path), self.draw())
-        return out_path
+class _Letterboxed:
+    frame: Frame
+    image: np.ndarray  # uint8 (S, S, 3) RGB
+    scale: float
+    pad: tuple[float, float]
 
 
-def _colour(label: str) -> tuple[int, int, int]:
-    seed = sum(ord(ch) * 31 ** i for i, ch in enumerate(label)) % (2**32)
-    return tuple(int(v) for v in np.random.default_rng(seed).integers(40, 255, 3))
+def _letterbox(frame: Frame, image_size: int) -> _Letterboxed:
+    rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)
+    image, _, scale, pad = letterbox(rgb, np.zeros((0, 4), np.float32), image_size)
+    return _Letterboxed(frame, image, scale, pad)
 
 
-def list_images(source: str | Path | list) -> list[Path]:
-    """Image paths from a file, a folder (sorted), a glob pattern, or a list of any of these."""
-    if isinstance(source, list | tuple):
-        return [path for item in source for path in list_images(item)]
-    text = str(source)
-    if any(ch in text for ch in "*?["):
-        paths = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
-    elif Path(text).is_dir():
-        paths = sorted(p for p in Path(text).iterdir())
-    elif Path(text).is_file():
-        paths = [Path(text)]
-    else:
-        raise DataError(f"predict source {text} does not exist: give an image, a folder or a glob pattern")
-    images = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
-        raise DataError(f"predict source {text} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return images
+def _to_result(item: _Letterboxed, found: Detections, names: list[str], category_ids: list[int]) -> Result:
+    """Detections in letterboxed input pixels -> a Result in the frame's original pixels."""
+    height, width = item.frame.image.shape[:2]
+    pad_x, pad_y = item.pad
+    xyxy = (found.boxes_xyxy.float().cpu().numpy() - np.array([pad_x, pad_y, pad_x, pad_y], np.float32)) / item.scale
+    xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
+    xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
+    frame = item.frame
+    # A file image is read again to draw on it; an array or a video frame is kept (it cannot be).
+    keep_image = not frame.path or frame.frame is not None
+    return Result(frame.path, frame.index, xyxy.astype(np.float32), found.scores.float().cpu().numpy(),
+                  found.classes.cpu().numpy().astype(np.int64), list(names), list(category_ids), frame.frame,
+                  frame.image if keep_image else None)
 
 
-def _batches(paths: list[Path], batch: int, image_size: int) -> Iterator[tuple[list[Path], np.ndarray, list]]:
-    for start in range(0, len(paths), batch):
-        chunk, images, meta = paths[start:start + batch], [], []
-        for path in chunk:
-            bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise DataError(f"cannot read image {path}: missing, empty or not an image")
-            image, _, scale, pad = letterbox(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.zeros((0, 4), np.float32),
-                                             image_size)
-            images.append(image)
-            meta.append((scale, pad, bgr.shape[:2]))
-        yield chunk, np.stack(images).transpose(0, 3, 1, 2), meta
+def predict(forward: Forward, source, *, names: list[str], category_ids: list[int], image_size: int,
+            batch: int = 8, max_wait_ms: float | None = None, conf: float = 0.25, iou: float = 0.7,
+            max_det: int = 300) -> Iterator[Result]:
+    """Detect objects in every frame of `source`, `batch` frames per forward pass; results in source order.
+
+    Frames are read and letterboxed in a background thread and grouped as they arrive (see
+    detector/sources.py: iter_batches); with `max_wait_ms` a batch goes to the model at most that long
+    after its first frame arrived, full or not.
+
+    Args:
+        forward: uint8 (B, 3, S, S) RGB -> boxes_xyxy (B, A, 4) in input pixels, scores (B, A, C).
+        source: a path, glob, folder, video, array, or a list or iterable of them (detector/sources.py).
+        names, category_ids: class names and COCO category ids of the class indices.
+        image_size: side S of the letterboxed square (a multiple of 32).
+        batch: most frames per forward pass.
+        max_wait_ms: longest wait of a batch's first frame for the rest (None: until the batch is full).
+        conf, iou, max_det: NMS settings (detector/postprocess.py).
+
+    Yields:
+        One Result per frame, in source order.
+    """
+    prepare = partial(_letterbox, image_size=image_size)
+    for group in iter_batches(open_source(source), batch, max_wait_ms, transform=prepare):
+        images = torch.from_numpy(np.stack([item.image for item in group]).transpose(0, 3, 1, 2))
+        boxes, scores = forward(images)
+        found = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+        for item, detections in zip(group, found, strict=True):
+            yield _to_result(item, detections, names, category_ids)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, names: list[str], source, *, image_size: int = 640, batch: int = 8,
-            conf: float = 0.25, iou: float = 0.7, max_det: int = 300, device: torch.device | None = None
-            ) -> list[Result]:
-    """Detect objects in every image of `source`, `batch` images per forward pass, in input order."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    results = []
-    for chunk, images, meta in _batches(list_images(source), batch, image_size):
-        inputs = prepare_images(torch.from_numpy(images), device, channels_last=False)
-        boxes, scores = decode(model(inputs), model.strides, model.reg_max)
-        for path, found, (scale, pad, (height, width)) in zip(
-                chunk, non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det), meta, strict=True):
-            xyxy = (found.boxes_xyxy.float().cpu().numpy() - np.array([*pad, *pad], np.float32)) / scale
-            xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
-            xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
-            results.append(Result(str(path), xyxy.astype(np.float32), found.scores.float().cpu().numpy(),
-                                  found.classes.cpu().numpy().astype(np.int64), list(names)))
-    return results
+def inference_batch(model: nn.Module, *, image_size: int, device: torch.device, fraction: float, max_batch: int,
+                    conf: float = 0.25, amp_dtype: torch.dtype | None = None, probe: MemoryProbe | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> Decision:
+    """AutoBatch for inference: the batch that fills `fraction` of the device with forward-only steps.
+
+    The measured step is detector/autobatch_step.make_inference_step (a copy of the model, no gradients,
+    decoding and NMS), so the batch is far larger than training's at the same memory. Where memory decides
+    (GPUs) NMS runs at its worst case, conf 0; on CPU, where images/s takes part as in training, it runs at
+    the run's `conf`, since the worst case's 30,000 candidates would cost more than the forward and make
+    the choice a measure of NMS.
+
+    Args:
+        model: the model inference will run (fused or not, as it will run).
+        image_size: side of the letterboxed input.
+        device: where inference runs.
+        fraction: share of the device's memory to fill, in (0, 1).
+        max_batch: the most frames a batch can hold (the source's length, when known).
+        conf: the NMS score threshold inference will use.
+        amp_dtype: autocast dtype of inference, None for full precision.
+        probe: memory reader (default: the device's; tests inject one).
+        clock: seconds counter (tests inject one).
+
+    Raises:
+        AutoBatchError: not even one image fits.
+    """
+    by_throughput = device.type == "cpu"
+    step = make_inference_step(model, image_size=image_size, device=device, amp_dtype=amp_dtype,
+                               conf=conf if by_throughput else 0.0)
+    probe = probe or probe_for(device)
+    try:
+        # Up to 2**10 sampled: forward-only steps are small, so the useful range reaches far past training's.
+        return choose_batch(step, probe, fraction=fraction, max_batch=max_batch, max_samples=11,
+                            measure_throughput=by_throughput, clock=clock, label="inference")
+    finally:
+        del step  # the probe's model copy
+        probe.cleanup()

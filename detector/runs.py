@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-import psutil
 import torch
 
+from detector.distributed import physical_core_share
 from detector.errors import ConfigError
 
 logger = logging.getLogger("detector")
@@ -17,14 +16,16 @@ logger = logging.getLogger("detector")
 def make_run_dir(project: str, name: str, exist_ok: bool) -> Path:
     """project/name, or project/name2, name3, ... so an earlier run is never overwritten."""
     base = Path(project) / name
-    if exist_ok or not base.exists():
+    if exist_ok:
         base.mkdir(parents=True, exist_ok=True)
         return base
-    for index in range(2, 10_000):
-        candidate = base.with_name(f"{name}{index}")
-        if not candidate.exists():
-            candidate.mkdir(parents=True)
+    for index in range(1, 10_000):
+        candidate = base if index == 1 else base.with_name(f"{name}{index}")
+        try:
+            candidate.mkdir(parents=True)  # fails if it exists, so two runs started at once never share one
             return candidate
+        except FileExistsError:
+            continue
     raise ConfigError(f"too many run folders named {base}*: pick another name=")
 
 
@@ -67,7 +68,8 @@ def select_device(spec: str) -> torch.device:
 
 
 def set_threads(threads: int) -> int:
-    """Torch intra-op threads: one per physical core by default, since SMT siblings slow convolutions."""
-    count = threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    """Torch intra-op threads: one per physical core (of this rank's share under DDP) by default, since
+    SMT siblings slow convolutions."""
+    count = threads or physical_core_share()
     torch.set_num_threads(count)
     return count

@@ -2,6 +2,9 @@
 
 data card -> datasets -> model -> loss -> batch plan -> optimizer/schedule/EMA -> loaders -> epochs
 (train_one_epoch, evaluate, results.csv, checkpoints, plots) -> final metrics.
+
+Under torchrun every rank runs this with its share of each batch (see distributed.py); rank 0 alone
+writes the run folder and validates.
 """
 
 from __future__ import annotations
@@ -19,13 +22,23 @@ from typing import Any
 import torch
 import yaml
 
-from detector.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from detector import distributed
+from detector.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    pending_gradients,
+    restore_gradients,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from detector.config import Config, load_defaults, make_config
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader, set_epoch
 from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
 from detector.errors import ConfigError
+from detector.interrupt import StopRequest
 from detector.loss import DetectionLoss
 from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model
@@ -66,10 +79,6 @@ def find_last_checkpoint(resume: str, overrides: dict[str, Any]) -> Path:
     return last
 
 
-def model_args_of(model: Detector) -> dict[str, Any]:
-    return dict(model.model_args)
-
-
 def build_detector(config: Config, num_classes: int, checkpoint: dict | None) -> Detector:
     """A fresh model of the configured scale, or one initialised from a .pt checkpoint."""
     if config.model.endswith(".pt"):
@@ -92,8 +101,9 @@ class Trainer:
     def __init__(self, overrides: dict[str, Any], progress: bool = True):
         self.config, self.card, checkpoint = resolve_config(overrides)
         config = self.config
-        self.progress = progress
-        self.device = select_device(config.device)
+        self.device = distributed.setup(select_device(config.device))
+        self.world, self.main = distributed.world_size(), distributed.is_main()
+        self.progress = progress and self.main
         threads = set_threads(config.threads)
         torch.manual_seed(config.seed)
         if config.deterministic:
@@ -109,39 +119,52 @@ class Trainer:
         self.model = build_detector(config, len(self.names), checkpoint).to(self.device)
         self.criterion = DetectionLoss(num_classes=len(self.names), strides=self.model.strides,
                                        reg_max=self.model.reg_max, box_gain=config.box,
-                                       cls_gain=config.cls, dfl_gain=config.dfl)
+                                       cls_gain=config.cls, dfl_gain=config.dfl, world_size=self.world)
 
-        self.run_dir = Path(config.resume).parents[1] if checkpoint is not None else make_run_dir(
-            config.project, config.name, config.exist_ok)
+        self.run_dir = Path(config.resume).parents[1] if checkpoint is not None else distributed.on_main(
+            make_run_dir, config.project, config.name, config.exist_ok)
         self.weights_dir = self.run_dir / "weights"
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.run_dir / "train.log")
+        if self.main:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir / "train.log" if self.main else None, verbose=self.main)
         self.plan = self._plan(threads, checkpoint)
         self.ctx = self._step_context()
         self.start_epoch, self.best_fitness, self.rows = 0, -1.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
         self.ground_truth = load_ground_truth(self.val_data.annotation_json)
-        atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if self.main:
+            atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in asdict(self.plan).items()))
 
     def _plan(self, threads: int, checkpoint: dict | None) -> Plan:
-        """The batch (fixed, AutoBatch's, or the interrupted run's) and what follows from it."""
-        config = self.config
+        """The global batch (fixed, AutoBatch's, or the interrupted run's) and what follows from it.
+
+        Under DDP each rank trains on batch / world_size images of every batch; AutoBatch's per-rank
+        choice is the smallest of the ranks' own, so every device fits it.
+        """
+        config, world = self.config, self.world
         if checkpoint is not None:
-            # A resumed run keeps its batch: the schedule counts batches, and its accumulation rests on it.
+            # A resumed run keeps its global batch (the schedule counts batches, and its accumulation rests
+            # on it), whatever the number of ranks now.
             saved = checkpoint["plan"]
+            distributed.rank_batch(saved["batch"], world)
             return make_plan(config, self.device, threads, self.train_size, saved["batch"], saved["batch_source"],
-                             saved["val_batch"])
+                             saved["val_batch"], world_size=world)
         if config.auto_batch_fraction is None:
-            return make_plan(config, self.device, threads, self.train_size, int(config.batch))
+            distributed.rank_batch(int(config.batch), world)
+            return make_plan(config, self.device, threads, self.train_size, int(config.batch), world_size=world)
         train, val = auto_batch(config, self.model, self.criterion, device=self.device, num_classes=len(self.names),
-                                max_boxes=self.train_data.max_boxes, train_size=self.train_size,
-                                val_size=len(self.val_data), run_dir=self.run_dir)
-        return make_plan(config, self.device, threads, self.train_size, train.batch, train.decided_by, val.batch)
+                                max_boxes=self.train_data.max_boxes, train_size=math.ceil(self.train_size / world),
+                                val_size=len(self.val_data), run_dir=self.run_dir, save=self.main)
+        per_rank = distributed.agree_on_batch(train.batch)
+        return make_plan(config, self.device, threads, self.train_size, per_rank * world, train.decided_by,
+                         val.batch, world_size=world)
 
     def _step_context(self) -> StepContext:
         config, plan = self.config, self.plan
+        self.model, ranked_model = distributed.wrap_model(self.model, self.device, self.world, plan.batch // self.world,
+                                                     config.sync_bn)
         optimizer = build_optimizer(self.model, name=plan.optimizer, lr=plan.lr0, momentum=config.momentum,
                                     weight_decay=plan.weight_decay)
         iters_per_epoch = math.ceil(self.train_size / plan.batch)
@@ -154,7 +177,7 @@ class Trainer:
             # NHWC weights as well as inputs: oneDNN (CPU) and cuDNN then skip a reorder at every convolution.
             self.model.to(memory_format=torch.channels_last)
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
-        return StepContext(model=self.model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
+        return StepContext(model=ranked_model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
                            scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
                            amp_dtype=amp_dtype, channels_last=config.channels_last,
                            grad_clip=config.grad_clip)
@@ -170,7 +193,9 @@ class Trainer:
         self.best_fitness = checkpoint["best_fitness"]
         self.rows = list(checkpoint["rows"])
         set_rng_state(checkpoint["rng"])
-        logger.info("resuming %s from epoch %d", self.run_dir, self.start_epoch + 1)
+        restore_gradients(self.model, checkpoint.get("grads", {}))
+        logger.info("resuming %s from epoch %d%s", self.run_dir, self.start_epoch + 1,
+                    f", batch {self.ctx.state.epoch_batches + 1}" if self.ctx.state.epoch_batches else "")
 
     def loader(self, train: bool, mosaic: bool = True):
         """The training (augmented, shuffled) or validation (letterboxed) DataLoader of this run."""
@@ -179,42 +204,61 @@ class Trainer:
                                                    "shear", "fliplr", "mosaic")}
         dataset = self.train_data if train else self.val_data
         return build_dataloader(dataset, train=train, image_size=self.plan.image_size,
-                                batch_size=self.plan.batch if train else self.plan.val_batch,
+                                batch_size=self.plan.batch // self.world if train else self.plan.val_batch,
                                 workers=config.workers, seed=config.seed,
                                 augment=augment, mosaic=mosaic, pin_memory=self.device.type == "cuda",
-                                fraction=config.fraction if train else 1.0)
+                                fraction=config.fraction if train else 1.0, rank=distributed.rank(),
+                                world_size=self.world)
 
     def fit(self) -> dict[str, float]:
-        """Train for the remaining epochs; returns the metrics of best.pt on the validation set."""
+        """Train for the remaining epochs; returns the metrics of best.pt on the validation set.
+
+        The first SIGINT (Ctrl-C) or SIGTERM ends the current batch, saves last.pt there and raises
+        KeyboardInterrupt; resume=true continues from that batch.
+        """
+        with StopRequest() as self.stop:
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         config = self.config
         epochs = self.ctx.schedule.epochs
         mosaic = self.start_epoch < self._close_at(epochs) and config.mosaic > 0
         train_loader = self.loader(True, mosaic=mosaic)
-        val_loader = self.loader(False)
-        if config.plots and self.start_epoch == 0:
+        val_loader = self.loader(False) if self.main else None
+        if config.plots and self.start_epoch == 0 and self.main:
             self._plot_first_batches(train_loader)
         stale, epoch, run_start = 0, self.start_epoch, time.perf_counter()
         while epoch < epochs:
             if mosaic and epoch >= self._close_at(epochs):
                 logger.info("closing mosaic for the last %d epochs", epochs - epoch)
                 mosaic, train_loader = False, self.loader(True, mosaic=False)
-            set_epoch(train_loader, epoch)
+            set_epoch(train_loader, epoch, skip_batches=self.ctx.state.epoch_batches)
             start = time.perf_counter()
             losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,
-                                     image_size=self.plan.image_size, progress=self.progress)
+                                     image_size=self.plan.image_size, progress=self.progress,
+                                     stop=self._stop_requested)
+            if losses is None:
+                self._stop_here(epoch)
             train_time = time.perf_counter() - start
             metrics, improved = None, False
-            if config.val or epoch == epochs - 1:
+            if self.main and (config.val or epoch == epochs - 1):
                 metrics = self.evaluate(val_loader)
                 improved = metrics.fitness > self.best_fitness
                 self.best_fitness = max(self.best_fitness, metrics.fitness)
                 stale = 0 if improved else stale + 1
-            self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
-            self._save(epoch, improved)
+            distributed.average_gradients(self.model)  # a save inside an accumulation window stores rank 0's
+            if self.main:
+                self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
+                self._save(epoch, improved)
+            if self._stop_requested():  # the signal came during validation or the save
+                self._stop_here(epoch)
             epoch += 1
             if config.time:
                 epochs = self._refit_epochs(epoch, time.perf_counter() - run_start)
-            if config.patience and stale >= config.patience:
+            epochs, stop = distributed.broadcast((epochs, bool(config.patience and stale >= config.patience)))
+            if epochs != self.ctx.schedule.epochs:
+                self.ctx.schedule = replace(self.ctx.schedule, epochs=epochs)
+            if stop:
                 logger.info("no improvement for %d epochs: stopping early", stale)
                 break
         return self._finish(val_loader)
@@ -229,7 +273,6 @@ class Trainer:
         epochs = done + max(int(remaining / per_epoch + 0.3), 0)
         if epochs != self.ctx.schedule.epochs:
             logger.info("time budget %.2f h: %.1f s per epoch -> %d epochs", self.config.time, per_epoch, epochs)
-            self.ctx.schedule = replace(self.ctx.schedule, epochs=epochs)
         return epochs
 
     def evaluate(self, loader) -> DetectionMetrics:
@@ -259,7 +302,8 @@ class Trainer:
                "optimizer_steps": self.ctx.state.optimizer_steps}
         self.rows.append(row)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(row))
+        # An epoch whose every batch was skipped (non-finite losses) has no loss columns: they stay blank.
+        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for r in self.rows for key in r)))
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.run_dir / "results.csv", buffer.getvalue())
@@ -283,9 +327,10 @@ class Trainer:
             "best_fitness": self.best_fitness,
             "rows": self.rows,
             "rng": rng_state(),
+            "grads": pending_gradients(self.model),
             "config": self.config.to_dict(),
             "plan": asdict(self.plan),
-            "model_args": model_args_of(self.model),
+            "model_args": dict(self.model.model_args),
             "names": list(self.names),
             "category_ids": list(self.train_data.category_ids),
         }
@@ -295,11 +340,32 @@ class Trainer:
         save_checkpoint(self.weights_dir / "last.pt", state)
         if improved:
             # best.pt is for inference: drop what only resuming needs.
-            inference = {k: v for k, v in state.items() if k not in ("raw_model", "optimizer", "scaler", "rng")}
+            inference = {k: v for k, v in state.items()
+                         if k not in ("raw_model", "optimizer", "scaler", "rng", "grads")}
             save_checkpoint(self.weights_dir / "best.pt", inference)
 
+    def _stop_requested(self) -> bool:
+        """Whether a signal arrived, on any rank: under DDP all ranks stop after the same batch."""
+        return distributed.any_rank(self.stop(), self.device)
+
+    def _stop_here(self, epoch: int) -> None:
+        """Save last.pt in the middle of `epoch` (ctx.state counts its batches done) unless it ended, then stop."""
+        done, last = self.ctx.state.epoch_batches, self.weights_dir / "last.pt"
+        signal_name = self.stop.signal_name or "a signal to another rank"
+        if done:
+            distributed.average_gradients(self.model)
+            if self.main:
+                save_checkpoint(last, {**self.checkpoint_state(epoch), "epoch": epoch})
+        where = f"after {done} batches of epoch {epoch + 1}" if done else f"at the end of epoch {epoch + 1}"
+        if self.main:
+            logger.warning("%s: saved %s %s; continue with resume=true", signal_name, last, where)
+        raise KeyboardInterrupt(f"stopped by {signal_name} in epoch {epoch + 1}")
+
     def _finish(self, val_loader) -> dict[str, float]:
-        """Validate best.pt's weights once more and return their metrics."""
+        """Validate best.pt's weights once more and return their metrics (on every rank)."""
+        return distributed.on_main(self._validate_best, val_loader)
+
+    def _validate_best(self, val_loader) -> dict[str, float]:
         best = load_checkpoint(self.weights_dir / "best.pt")
         model = self.ctx.ema.module if self.ctx.ema is not None else self.model
         model.load_state_dict(best["model"])
@@ -308,6 +374,7 @@ class Trainer:
                   "run_dir": str(self.run_dir)}
         logger.info("best.pt (epoch %d): mAP50-95 %.4f mAP50 %.4f; results in %s", best["epoch"],
                     metrics.map50_95, metrics.map50, self.run_dir)
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(result, indent=1))
         return result
 
     def _plot_first_batches(self, loader) -> None:
@@ -320,6 +387,15 @@ class Trainer:
 
 
 def train(overrides: dict[str, Any], progress: bool = True) -> dict[str, float]:
-    """Train with defaults < data card < checkpoint (resume) < overrides; returns best.pt's metrics."""
+    """Train with defaults < data card < checkpoint (resume) < overrides; returns best.pt's metrics.
+
+    device=0,1 (several GPUs) outside torchrun launches one rank per GPU with torchrun and waits for them.
+    """
     setup_logging()
-    return Trainer(overrides, progress=progress).fit()
+    if "," in str(overrides.get("device", "")) and distributed.world_size() == 1:
+        return distributed.launch_ranks(overrides)
+    try:
+        return Trainer(overrides, progress=progress).fit()
+    finally:
+        distributed.cleanup()
+

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,4 +21,62 @@ def datasets_dir() -> Path:
     path = Path(os.environ.get("DETECTOR_DATASETS", REPO.parent / "shared" / "datasets"))
     if not (path / "coco8").is_dir():
         pytest.skip(f"real test datasets not found at {path}")
+    return path
+
+
+TINY_SCALE = {"scale": "tiny", "depth": 0.33, "width": 0.125, "max_channels": 256}
+
+
+def make_tiny_setup(root: Path, *, seed: int, num_train: int, num_val: int, image_size: int,
+                    val_is_train: bool = False) -> dict[str, str]:
+    """A small generated shapes set with its data card, and a very small model scale: {data, model} paths."""
+    from detector.data.shapes import generate_shapes
+
+    generate_shapes(root / "shapes", seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
+    val = "train" if val_is_train else "val"
+    card = root / "tiny.yaml"
+    card.write_text(yaml.safe_dump({"path": str(root / "shapes"), "train": "images/train", "val": f"images/{val}",
+                                    "train_json": "annotations/instances_train.json",
+                                    "val_json": f"annotations/instances_{val}.json"}))
+    scale = root / "tiny_model.yaml"
+    scale.write_text(yaml.safe_dump(TINY_SCALE))
+    return {"data": str(card), "model": str(scale)}
+
+
+def content_sensitive_detector(num_classes: int, seed: int = 0):
+    """A tiny untrained detector whose scores follow the image: a fresh model's are nearly the same at every
+    anchor (small weights, then BatchNorm), which makes NMS break ties by rounding noise. Kaiming weights,
+    random BatchNorm statistics and a stronger class layer give every anchor its own score."""
+    from detector.model import Detector
+
+    torch.manual_seed(seed)
+    model = Detector(num_classes=num_classes, **TINY_SCALE)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    for branch in model.head.cls:
+        branch[-1].weight.data *= 10
+        torch.nn.init.constant_(branch[-1].bias, -4.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def coco8_checkpoint(tmp_path_factory, datasets_dir) -> Path:
+    """A checkpoint of content_sensitive_detector for coco8's 80 classes (original COCO category ids), imgsz 128."""
+    from detector.checkpoint import save_checkpoint
+    from detector.config import make_config
+    from detector.data.coco import CocoDataset
+
+    root = datasets_dir / "coco8"
+    dataset = CocoDataset(root / "images" / "val", root / "annotations" / "instances_val.json")
+    model = content_sensitive_detector(len(dataset.names))
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": model.model_args, "names": dataset.names,
+                           "category_ids": dataset.category_ids,
+                           "config": make_config({"imgsz": 128, "workers": 0}).to_dict()})
     return path

@@ -5,27 +5,19 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from detector.benchmark import COLUMNS, benchmark, parse_batches
 from detector.config import make_config
-from detector.data.shapes import generate_shapes
 from detector.errors import ConfigError
 from detector.plan import make_plan
 from detector.trainer import Trainer
+from tests.conftest import make_tiny_setup
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    generate_shapes(root / "shapes", seed=5, num_train=16, num_val=4, image_size=128)
-    card = root / "tiny.yaml"
-    card.write_text(yaml.safe_dump({"path": str(root / "shapes"), "train": "images/train", "val": "images/val",
-                                    "train_json": "annotations/instances_train.json",
-                                    "val_json": "annotations/instances_val.json"}))
-    scale = root / "tiny_model.yaml"
-    scale.write_text(yaml.safe_dump({"depth": 0.33, "width": 0.125, "max_channels": 256}))
-    return {"data": str(card), "model": str(scale), "imgsz": 128, "workers": 0, "mosaic": 0.0, "close_mosaic": 0}
+    paths = make_tiny_setup(tmp_path_factory.mktemp("bench"), seed=5, num_train=16, num_val=4, image_size=128)
+    return {**paths, "imgsz": 128, "workers": 0, "mosaic": 0.0, "close_mosaic": 0}
 
 
 def test_one_filled_row_per_batch_and_the_files(tiny, tmp_path):
@@ -73,3 +65,23 @@ def test_the_policy_reaches_the_optimizer(tiny, tmp_path):
 def test_bad_batches_are_clear_errors(text):
     with pytest.raises(ConfigError, match="batch"):
         parse_batches(text)
+
+
+def test_the_table_says_what_an_unresolved_noise_scale_means():
+    from detector.benchmark import markdown_table
+
+    base = {c: 1 for c in COLUMNS}
+    table = markdown_table([{**base, "images_per_step": 16, "noise_scale": math.inf},
+                            {**base, "images_per_step": 16, "noise_scale": 40.0},
+                            {**base, "images_per_step": 16, "noise_scale": 60.0}])
+    assert "| > 32 |" in table and "inf" not in table
+    assert "median over 2 run(s): 50 images (1 run(s) only as above" in table
+
+
+def test_accumulation_never_skips_a_whole_epoch():
+    # 4 images at batch 4 with nbs=16 would accumulate 4 batches, i.e. one step every 4 epochs.
+    config = make_config({"lr_policy": "nbs", "nbs": 16})
+    plan = make_plan(config, torch.device("cpu"), 2, train_size=4, batch=4)
+    assert plan.accumulate == 1
+    assert plan.weight_decay == pytest.approx(config.weight_decay * 4 / 16)
+    assert make_plan(config, torch.device("cpu"), 2, train_size=40, batch=4).accumulate == 4

@@ -6,8 +6,10 @@ import pickle
 import pytest
 import torch
 
+from detector import Model
 from detector.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from detector.errors import DetectorError
+from detector.trainer import train
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -21,16 +23,38 @@ def test_round_trip_with_weights_only(tmp_path):
 
 
 class Exploit:
+    """Unpickling this runs `touch <marker>`: what a hostile checkpoint would do with a real payload."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_that_runs_code_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    with open(path, "wb") as file:
-        pickle.dump({"model": Exploit(), "model_args": {}}, file)
-    with pytest.raises(DetectorError, match="refused"):
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, writer):
+    path, marker = tmp_path / "evil.pt", tmp_path / "code-ran"
+    payload = {"model": Exploit(marker), "model_args": {}}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)  # a real checkpoint file (zip) holding the hostile object
+    with pytest.raises(DetectorError, match="refused: it holds objects other than plain data") as caught:
         load_checkpoint(path)
+    assert "\n" not in str(caught.value)
+    # Every way a user hands us a checkpoint goes through the same check.
+    with pytest.raises(DetectorError, match="refused"):
+        Model(str(path))
+    with pytest.raises(DetectorError, match="refused"):
+        train({"resume": str(path)})
+    assert not marker.exists()
+    # The control: the payload is live, and loading without weights_only runs it.
+    if writer == "pickle":
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.exists()
 
 
 def test_truncated_and_foreign_files_give_clear_errors(tmp_path):

@@ -176,6 +176,23 @@ def test_order_of_an_epoch_depends_on_seed_and_epoch_not_on_earlier_epochs(tmp_p
     assert sorted(first) == sorted(second) == sorted(dataset.image_ids)
 
 
+def test_a_resumed_epoch_skips_the_batches_already_trained_on(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    loader = build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=0, seed=5)
+    set_epoch(loader, 1)
+    whole = list(loader)
+    set_epoch(loader, 1, skip_batches=2)
+    rest = list(loader)
+    assert len(loader) == len(whole) - 2 == len(rest) > 0
+    for a, b in zip(whole[2:], rest, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.image_ids, b.image_ids)
+    set_epoch(loader, 2)  # the next epoch is whole again
+    assert len(list(loader)) == len(whole)
+    validation = build_dataloader(dataset, train=False, image_size=64, batch_size=2, workers=0)
+    with pytest.raises(ValueError, match="only a training loader"):
+        set_epoch(validation, 1, skip_batches=1)
+
+
 def test_mosaic_false_uses_one_image_per_sample(tmp_path):
     dataset = _colour_dataset(tmp_path)
     loader = build_dataloader(dataset, train=True, image_size=128, batch_size=6, workers=0,

@@ -1,13 +1,17 @@
 """Data cards, the YOLO -> COCO converter, downloads from a local server and safe unzipping."""
 
+import contextlib
 import functools
+import hashlib
 import http.server
 import json
 import shutil
+import stat
 import threading
 import zipfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -15,7 +19,7 @@ from detector.data import cards
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.convert import COCO80_NAMES, COCO80_TO_91, yolo_to_coco
-from detector.data.download import check_url, safe_extract
+from detector.data.download import check_url, download, safe_extract
 from detector.errors import DataError
 
 
@@ -142,23 +146,50 @@ def _zip_folder(zip_path: Path, folder: Path, arcroot: str, skip: str = "annotat
                 archive.write(path, f"{arcroot}/{path.relative_to(folder).as_posix()}")
 
 
+@contextlib.contextmanager
+def _local_server(folder: Path, redirects: dict[str, str] | None = None):
+    """An HTTP server on 127.0.0.1 serving `folder`; yields its URL.
+
+    It answers 302 for the paths in `redirects`, and serves /unsized/<file> without a Content-Length.
+    """
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path in (redirects or {}):
+                self.send_response(302)
+                self.send_header("Location", redirects[self.path])
+                self.end_headers()
+                return
+            if self.path.startswith("/unsized/"):  # HTTP/1.0: the body ends when the connection closes
+                data = (folder / self.path.removeprefix("/unsized/")).read_bytes()
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
 def test_download_convert_and_load_from_a_local_server(tmp_path, datasets_dir):
     served = tmp_path / "served"
     served.mkdir()
     _zip_folder(served / "x.zip", datasets_dir / "coco8", "coco8")  # YOLO labels only, like the real zip
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _local_server(served) as url:
         card_path = _write_card(tmp_path / "dl.yaml", path="dl", train="images/train", val="images/val",
-                                download=f"http://127.0.0.1:{server.server_address[1]}/x.zip",
-                                converter="yolo", names=COCO80_NAMES)
+                                download=f"{url}/x.zip", converter="yolo", names=COCO80_NAMES)
         card = load_data_card(card_path, tmp_path / "datasets")
-    finally:
-        server.shutdown()
-        thread.join()
     assert card.root == tmp_path / "datasets" / "dl"
     assert card.train_json == card.root / "annotations" / "instances_train.json" and card.train_json.is_file()
     assert not (tmp_path / "datasets" / "dl.zip").exists()
@@ -176,13 +207,45 @@ def test_offline_download_failure_says_where_to_put_the_files(tmp_path):
 
 
 def test_plain_http_to_other_hosts_is_refused():
-    with pytest.raises(DataError, match="https"):
-        check_url("http://example.com/coco8.zip")
+    for url in ("http://example.com/coco8.zip", "ftp://example.com/coco8.zip", "data:,hello"):
+        with pytest.raises(DataError, match="https"):
+            check_url(url)
     check_url("https://example.com/coco8.zip")
     check_url("http://localhost:8000/coco8.zip")
 
 
-@pytest.mark.parametrize("bad_name", ["../escape.txt", "/abs/escape.txt", "ok/../../escape.txt"])
+def test_a_redirect_to_plain_http_is_refused(tmp_path):
+    (tmp_path / "ok.zip").write_bytes(b"zip")
+    with _local_server(tmp_path, {"/down.zip": "http://example.com/x.zip", "/moved.zip": "/ok.zip"}) as url:
+        with pytest.raises(DataError, match="refusing to download http://example.com/x.zip"):
+            download(f"{url}/down.zip", tmp_path / "out" / "x.zip")
+        assert not list((tmp_path / "out").iterdir())
+        assert download(f"{url}/moved.zip", tmp_path / "out" / "y.zip").read_bytes() == b"zip"  # to http://127.0.0.1
+
+
+def test_a_local_path_is_a_download_source(tmp_path, monkeypatch):
+    (tmp_path / "here.zip").write_bytes(b"payload")
+    assert download(str(tmp_path / "here.zip"), tmp_path / "a.zip").read_bytes() == b"payload"
+    monkeypatch.chdir(tmp_path)
+    assert download("here.zip", tmp_path / "b.zip").read_bytes() == b"payload"
+
+
+def test_downloads_are_bounded_in_size(tmp_path):
+    (tmp_path / "big.zip").write_bytes(b"x" * 5000)
+    out = tmp_path / "out"
+    with _local_server(tmp_path) as url:
+        # Served with a Content-Length (or a local file): refused before reading.
+        for source in (f"{url}/big.zip", str(tmp_path / "big.zip")):
+            with pytest.raises(DataError, match="is 5000 bytes, more than the 1000 allowed"):
+                download(source, out / "a.zip", max_bytes=1000)
+        # Without a length up front: stopped once past the bound.
+        with pytest.raises(DataError, match="larger than the 1000 bytes allowed"):
+            download(f"{url}/unsized/big.zip", out / "b.zip", max_bytes=1000)
+    assert not list(out.iterdir())  # no partial file left behind
+    assert download(f"{(tmp_path / 'big.zip').as_uri()}", out / "c.zip", max_bytes=5000).stat().st_size == 5000
+
+
+@pytest.mark.parametrize("bad_name", ["../escape.txt", "/abs/escape.txt", "ok/../../escape.txt", "C:/escape.txt"])
 def test_safe_extract_rejects_entries_outside_the_target(tmp_path, bad_name):
     zip_path = tmp_path / "evil.zip"
     with zipfile.ZipFile(zip_path, "w") as archive:
@@ -192,6 +255,63 @@ def test_safe_extract_rejects_entries_outside_the_target(tmp_path, bad_name):
     with pytest.raises(DataError, match="outside"):
         safe_extract(zip_path, target)
     assert not list(tmp_path.rglob("escape.txt")) and not (target / "fine.txt").exists()
+
+
+def test_a_download_with_the_wrong_checksum_is_discarded(tmp_path):
+    (tmp_path / "x.zip").write_bytes(b"payload")
+    with pytest.raises(DataError, match="sha256 .* does not match the expected 00000000"):
+        download(str(tmp_path / "x.zip"), tmp_path / "out" / "x.zip", sha256="0" * 64)
+    assert not list((tmp_path / "out").iterdir())
+    digest = hashlib.sha256(b"payload").hexdigest()
+    assert download(str(tmp_path / "x.zip"), tmp_path / "out" / "x.zip", sha256=digest.upper()).is_file()
+
+
+@pytest.mark.parametrize(("line", "problem"), [("0 0.5 0.5 0.2", "expected 'class cx cy w h'"),
+                                               ("zero 0.5 0.5 0.2 0.2", "expected 'class cx cy w h'"),
+                                               ("7 0.5 0.5 0.2 0.2", r"class 7 is not in 0\.\.1")])
+def test_a_malformed_yolo_label_names_its_file_and_line(tmp_path, line, problem):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.jpg"), np.zeros((20, 20, 3), np.uint8))
+    (tmp_path / "labels" / "a.txt").write_text(f"1 0.5 0.5 0.5 0.5\n{line}\n")
+    with pytest.raises(DataError, match=rf"a\.txt:2: {problem}"):
+        yolo_to_coco(tmp_path / "images", tmp_path / "labels", tmp_path / "out.json", ["x", "y"])
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_safe_extract_refuses_symbolic_links(tmp_path):
+    zip_path = tmp_path / "links.zip"
+    link = zipfile.ZipInfo("data/passwd")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("data/fine.txt", "ok")
+        archive.writestr(link, "/etc/passwd")  # a link's content is its target
+    with pytest.raises(DataError, match="'data/passwd' is a symbolic link"):
+        safe_extract(zip_path, tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_safe_extract_does_not_follow_a_link_already_in_the_target(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "data").symlink_to(outside, target_is_directory=True)
+    zip_path = tmp_path / "through.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("data/escape.txt", "gotcha")
+    with pytest.raises(DataError, match="resolves outside"):
+        safe_extract(zip_path, target)
+    assert not list(outside.iterdir())
+
+
+def test_a_card_with_python_tags_is_refused_without_running_them(tmp_path):
+    marker = tmp_path / "ran"
+    card = tmp_path / "evil.yaml"
+    card.write_text(f"path: x\ntrain: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(DataError, match="cannot read data card"):
+        load_data_card(card, tmp_path)
+    assert not marker.exists()
 
 
 def test_safe_extract_bounds_the_uncompressed_size(tmp_path):

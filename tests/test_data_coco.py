@@ -192,3 +192,25 @@ def test_exif_orientation_is_applied(tmp_path):
     image, _, _ = dataset.load(0)
     assert image.shape == (80, 60, 3) and dataset.orig_size(0) == (80, 60)
     assert image[:30].mean() > 200 and image[50:].mean() < 50  # the white half is now on top
+
+
+def test_corrupt_files_in_the_middle_are_all_listed_or_skipped_with_a_count(tmp_path, caplog):
+    sizes = [(40, 50)] * 7
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(i, [1, 1, 9, 9]) for i in range(1, 8)], sizes=sizes)
+    noisy = np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    cv2.imwrite(str(images_dir / "2.jpg"), noisy)
+    (images_dir / "2.jpg").write_bytes((images_dir / "2.jpg").read_bytes()[:300])  # truncated JPEG
+    (images_dir / "3.jpg").write_bytes(b"")                                          # zero bytes
+    (images_dir / "4.jpg").write_text("<html>404 Not Found</html>")                  # text named .jpg
+    _, png = cv2.imencode(".png", noisy)
+    (images_dir / "5.jpg").write_bytes(png.tobytes()[: len(png) // 2])                # truncated PNG named .jpg
+    bad = [str(images_dir / f"{i}.jpg") for i in (2, 3, 4, 5)]
+    with pytest.raises(DataError) as caught:
+        CocoDataset(images_dir, json_path)
+    message = str(caught.value)
+    assert message.startswith("4 missing or unreadable images") and all(path in message for path in bad)
+    assert "skip_bad_images=true" in message and "\n" not in message
+    with caplog.at_level(logging.WARNING):
+        dataset = CocoDataset(images_dir, json_path, skip_bad_images=True)
+    assert dataset.image_ids == [1, 6, 7] and [len(t) for t in dataset.targets] == [1, 1, 1]
+    assert any("skipping 4 missing or unreadable images" in r.getMessage() for r in caplog.records)

@@ -1,6 +1,8 @@
 """Fuzzing the COCO JSON reader: it loads the valid part or raises one DataError, never a wrong box."""
 
 import json
+import logging
+import re
 
 import cv2
 import numpy as np
@@ -80,10 +82,23 @@ def test_broken_structure_raises_one_clear_error(images_dir, tmp_path_factory, d
     check_loads_or_raises(images_dir, tmp_path_factory, document, skip_bad)
 
 
+class Messages(logging.Handler):
+    """Collects the messages the dataset logs while it loads."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def check_loads_or_raises(images_dir, tmp_path_factory, document, skip_bad):
-    """CocoDataset either raises one DataError of one line, or loads boxes that are all valid."""
+    """CocoDataset either raises one DataError of one line, or loads exactly the valid boxes and counts the rest."""
     path = tmp_path_factory.mktemp("json") / "instances.json"
     path.write_text(json.dumps(document))
+    messages = Messages()
+    logging.getLogger("detector.data.coco").addHandler(messages)
     try:
         dataset = CocoDataset(images_dir, path, skip_bad_images=skip_bad)
     except DataError as err:
@@ -91,18 +106,49 @@ def check_loads_or_raises(images_dir, tmp_path_factory, document, skip_bad):
         assert message and "\n" not in message.strip()
         event("error: " + " ".join(message.split(": ", 1)[-1].split()[:4]))
         return
+    finally:
+        logging.getLogger("detector.data.coco").removeHandler(messages)
     event(f"loaded {sum(len(t) for t in dataset.targets)} boxes" if len(dataset) else "loaded no images")
-    # Loaded: every box that made it is finite, inside its image, of positive size and of a known class.
-    files = [path.name for path in dataset.paths]
-    assert len(set(dataset.image_ids)) == len(dataset.image_ids) and len(set(files)) <= len(files)
-    for path_, (height, width), target in zip(dataset.paths, dataset.sizes, dataset.targets, strict=True):
+    assert len(set(dataset.image_ids)) == len(dataset.image_ids)
+    expected, dropped = expected_boxes(document, dataset.image_ids)
+    for path_, (height, width), target, image_id in zip(dataset.paths, dataset.sizes, dataset.targets,
+                                                        dataset.image_ids, strict=True):
         assert (height, width) == SIZES[path_.name]
         boxes = target.boxes_xyxy
         assert np.isfinite(boxes).all()
-        assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
-        assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
-        assert (boxes[:, 2] - boxes[:, 0] >= 1).all() and (boxes[:, 3] - boxes[:, 1] >= 1).all()
-        assert ((target.classes >= 0) & (target.classes < len(dataset.names))).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        assert (boxes[:, 2:] - boxes[:, :2] >= 1).all()
+        # Not only valid boxes: the very boxes of the file, clipped, with their own classes, in file order.
+        want = expected[image_id]
+        np.testing.assert_allclose(boxes, np.array([b for b, _ in want], np.float32).reshape(-1, 4), atol=1e-4)
+        assert [dataset.category_ids[c] for c in target.classes] == [c for _, c in want]
+    counted = [int(re.search(r"dropped (\d+) boxes", m).group(1)) for m in messages.messages if "dropped" in m]
+    assert counted == ([dropped] if dropped else [])
+
+
+def expected_boxes(document: dict, loaded_ids: list[int]) -> tuple[dict[int, list], int]:
+    """What a correct loader keeps: per loaded image, [(clipped [x1, y1, x2, y2], category id)] of its
+    non-crowd boxes of known categories at least 1 px wide and high; and how many boxes it drops."""
+    sizes = {r["id"]: SIZES[r["file_name"]] for r in document["images"] if r["file_name"] in SIZES}
+    categories = {c["id"] for c in document["categories"]}
+    known_images = {r["id"] for r in document["images"]}
+    kept, dropped = {i: [] for i in loaded_ids}, 0
+    for annotation in document["annotations"]:
+        image_id = annotation["image_id"]
+        if image_id not in known_images:
+            dropped += 1
+            continue
+        if image_id not in kept or annotation.get("iscrowd", 0):
+            continue  # a skipped image's boxes go with it; crowd boxes are not trained on, not dropped
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+        height, width = sizes[image_id]
+        box = [min(max(x, 0), width), min(max(y, 0), height), min(max(x + w, 0), width), min(max(y + h, 0), height)]
+        if annotation["category_id"] not in categories or not (box[2] - box[0] >= 1 and box[3] - box[1] >= 1
+                                                              and w > 0 and h > 0):
+            dropped += 1
+            continue
+        kept[image_id].append((box, annotation["category_id"]))
+    return kept, dropped
 
 
 def test_duplicate_image_ids_are_an_error_not_a_silent_merge(images_dir, tmp_path):

@@ -33,3 +33,32 @@ def test_no_value_before_data_infinite_while_the_signal_is_below_the_noise():
     assert estimator.value == float("inf")
     with pytest.raises(ValueError, match="small_batch < big_batch"):
         estimator.update(1.0, 0.5, 8, 8)
+
+
+def test_probe_pairs_the_first_batch_of_a_window_with_the_whole_window():
+    # The trainer's .grad holds the sum of per-image gradients since the last optimizer step; the probe
+    # reads it after the first batch and before the step. Same noisy quadratic as above: B_simple = 29.
+    from types import SimpleNamespace
+
+    import torch
+
+    from detector.noise_scale import GradientNoiseProbe
+
+    rng = np.random.default_rng(1)
+    dims, sigma, batch, accumulate = 50, 0.7, 4, 8
+    theta = rng.standard_normal(dims) / np.sqrt(dims)
+    truth = dims * sigma**2 / np.sum(theta**2)
+    model = torch.nn.Linear(dims, 1, bias=False)
+    ctx = SimpleNamespace(model=model, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                          state=SimpleNamespace(iteration=0))
+    probe = GradientNoiseProbe(decay=0.995)
+    images = torch.zeros(batch, 3, 1, 1)  # only the count matters to the probe
+    for _ in range(1500):
+        model.weight.grad = torch.zeros(1, dims)
+        for index in range(accumulate):
+            x = sigma * rng.standard_normal((batch, dims))
+            model.weight.grad += torch.tensor((theta - x).sum(0), dtype=torch.float32)[None]
+            probe.observe(ctx, images, torch.zeros(0, 6), first=index == 0, last=index == accumulate - 1)
+    assert probe.estimate.updates == 1500
+    assert probe.estimate.value == pytest.approx(truth, rel=0.2), (probe.estimate.value, truth)
+    assert probe.seconds == []  # no extra passes with accumulation

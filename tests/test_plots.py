@@ -32,7 +32,7 @@ def test_no_global_matplotlib_state(tmp_path):
     code = (
         "import sys; from pathlib import Path; import detector.plots as p\n"
         "assert 'matplotlib' not in sys.modules\n"
-        f"p.plot_lines([1, 2], {{'a': [1, 2]}}, 'x', 'y', Path({str(tmp_path / 'a.png')!r}))\n"
+        f"p.plot_curves({{'a': ([1, 2], [1, 2])}}, 'x', 'y', Path({str(tmp_path / 'a.png')!r}))\n"
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
@@ -115,12 +115,13 @@ def test_plot_labels_and_lines_write_pngs(tmp_path):
     assert image.shape[1] > 1000 and image.std() > 10
     empty = plots.plot_labels(np.zeros(0, int), np.zeros((0, 4)), (128, 96), NAMES, tmp_path / "empty.png")
     assert _read_png(empty).shape == image.shape
-    lines = plots.plot_lines([1, 2, 4, 8], {"images/s": [3, 5, 8, 9], "peak MiB": [100, 180, 340, 660]},
-                             "batch", "value", tmp_path / "sub" / "lines.png", title="sweep")
+    x = [1, 2, 4, 8]
+    lines = plots.plot_curves({"images/s": (x, [3, 5, 8, 9]), "peak MiB": (x, [100, 180, 340, 660])},
+                              "batch", "value", tmp_path / "sub" / "lines.png", title="sweep", log_x=True)
     assert _read_png(lines).shape[:2] == (450, 700)
     assert _no_temp_files(tmp_path) and _no_temp_files(tmp_path / "sub")
 
 
-def test_plot_lines_rejects_mismatched_series(tmp_path):
+def test_plot_curves_rejects_mismatched_series(tmp_path):
     with pytest.raises(ValueError, match="'a' has 2 values for 3"):
-        plots.plot_lines([1, 2, 3], {"a": [1, 2]}, "x", "y", tmp_path / "bad.png")
+        plots.plot_curves({"a": ([1, 2, 3], [1, 2])}, "x", "y", tmp_path / "bad.png")

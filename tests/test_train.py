@@ -10,28 +10,19 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from detector import Model
 from detector.checkpoint import load_checkpoint
 from detector.data.coco import CocoDataset
-from detector.data.shapes import generate_shapes
 from detector.trainer import Trainer, train
-from tests.conftest import REPO
+from tests.conftest import REPO, make_tiny_setup
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A 16-image shapes set whose val split is its train split, and a very small model scale."""
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes(root / "shapes", seed=3, num_train=16, num_val=4, image_size=128)
-    card = root / "tiny.yaml"
-    card.write_text(yaml.safe_dump({
-        "path": str(root / "shapes"), "train": "images/train", "val": "images/train",
-        "train_json": "annotations/instances_train.json", "val_json": "annotations/instances_train.json"}))
-    scale = root / "tiny_model.yaml"
-    scale.write_text(yaml.safe_dump({"scale": "tiny", "depth": 0.33, "width": 0.125, "max_channels": 256}))
-    return {"data": str(card), "model": str(scale)}
+    return make_tiny_setup(tmp_path_factory.mktemp("data"), seed=3, num_train=16, num_val=4, image_size=128,
+                           val_is_train=True)
 
 
 def settings(tiny_setup, tmp_path, **extra):

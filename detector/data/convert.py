@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from detector.atomic import atomic_write_text
 from detector.data.coco import probe_image
 from detector.errors import DataError
 
@@ -91,16 +91,7 @@ def yolo_to_coco(images_dir: Path, labels_dir: Path, out_json: Path, names: list
                                 "category_id": category_ids[cls], "bbox": bbox,
                                 "area": round(bbox[2] * bbox[3], 3), "iscrowd": 0})
     categories = [{"id": i, "name": n, "supercategory": ""} for i, n in zip(category_ids, names, strict=True)]
-    _atomic_write_json(out_json, {"images": images, "annotations": annotations, "categories": categories})
+    atomic_write_text(out_json, json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     logger.info("wrote %s: %d images, %d boxes", out_json, len(images), len(annotations))
     return out_json
 
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        json.dump(data, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)

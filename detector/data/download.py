@@ -29,7 +29,23 @@ def check_url(url: str) -> None:
     parsed = urlparse(url)
     if parsed.scheme in ("https", "file") or (parsed.scheme == "http" and parsed.hostname in LOCAL_HOSTS):
         return
-    raise DataError(f"refusing to download {url}: use an https:// (or file://) URL")
+    raise DataError(f"refusing to download {url}: use an https:// URL or a local path")
+
+
+def as_url(source: str) -> str:
+    """A URL as it is; a local path (absolute, or relative to the working folder) as a file:// URL."""
+    scheme = urlparse(source).scheme
+    if scheme and len(scheme) > 1:  # one letter is a Windows drive, C:\...
+        return source
+    return Path(source).expanduser().resolve().as_uri()
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL check_url allows: an https link cannot send us to plain http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        check_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def download(url: str, dest: Path, *, max_bytes: int = MAX_DOWNLOAD_BYTES, sha256: str | None = None,
@@ -37,7 +53,8 @@ def download(url: str, dest: Path, *, max_bytes: int = MAX_DOWNLOAD_BYTES, sha25
     """Streams `url` to `dest` with a progress bar; a temp file is renamed into place when complete.
 
     Args:
-        url: https://, file:// or http://127.0.0.1 / localhost URL.
+        url: https://, file:// or http://127.0.0.1 / localhost URL, or a local path. Redirects are
+            followed only to URLs of those kinds.
         dest: File to write.
         max_bytes: Stop with an error past this many bytes.
         sha256: Expected hex digest, checked when given.
@@ -49,13 +66,15 @@ def download(url: str, dest: Path, *, max_bytes: int = MAX_DOWNLOAD_BYTES, sha25
     Raises:
         DataError: Bad scheme, network failure, too large, or checksum mismatch.
     """
+    url = as_url(url)
     check_url(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as file:
+        opener = urllib.request.build_opener(_CheckedRedirects)
+        with opener.open(url, timeout=timeout) as response, open(tmp, "wb") as file:
             total = int(response.headers.get("Content-Length") or 0) or None
             if total and total > max_bytes:
                 raise DataError(f"{url} is {total} bytes, more than the {max_bytes} allowed")

@@ -6,9 +6,10 @@ an epoch are the same whatever the number of workers or the order they run in.
 
 from __future__ import annotations
 
+import itertools
 import math
-import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from detector.data.augment import TrainTransform, letterbox
 from detector.data.coco import CocoDataset, Target
+from detector.distributed import cpu_share
 
 AUGMENT_KEYS = ("mosaic", "degrees", "translate", "scale", "shear", "fliplr", "hsv_h", "hsv_s", "hsv_v")
 
@@ -138,6 +140,29 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
+class ResumableSampler(Sampler[int]):
+    """A training sampler whose epoch can start part-way, for a run resumed in the middle of an epoch.
+
+    The wrapped sampler's order depends on (seed, epoch) alone, so leaving out the first `skip`
+    indices gives exactly the batches the interrupted run had not trained on yet.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Seeds the libraries a transform might use from torch's per-worker seed (base seed + worker id)."""
     seed = torch.initial_seed() % 2**32
@@ -147,45 +172,59 @@ def _seed_worker(worker_id: int) -> None:
 
 def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batch_size: int, workers: int,
                      seed: int = 0, augment: dict | None = None, mosaic: bool = True,
-                     pin_memory: bool = False, sampler: Sampler | None = None, drop_last: bool = False,
-                     fraction: float = 1.0) -> DataLoader:
+                     pin_memory: bool = False, drop_last: bool = False, fraction: float = 1.0,
+                     rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader of Batch objects.
 
     Args:
         dataset: The images and boxes.
-        train: Shuffle (unless a sampler is given) and augment; else keep order and letterbox.
+        train: Shuffle and augment; else keep order and letterbox.
         image_size: Side S of the square inputs (a multiple of 32).
         batch_size: Images per batch.
-        workers: Worker processes (0: load in the calling process; -1: one per CPU core but one, at most 8).
+        workers: Worker processes (0: load in the calling process; -1: one per CPU core of this rank but
+            one, at most 8).
         seed: Seed of the shuffle order and the augmentation.
         augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
         mosaic: False turns mosaic off (the last close_mosaic epochs).
         pin_memory: Pin batches for faster host-to-GPU copies.
-        sampler: E.g. a DistributedSampler of several ranks; training defaults to a one-rank one.
         drop_last: Drop a last incomplete batch.
         fraction: Train on this fraction of the images (seeded choice).
+        rank, world_size: Under DDP, training loads every world_size-th image of the epoch's order from
+            position `rank` on (batch_size is then the per-rank batch).
 
     Returns:
-        The DataLoader; call `set_epoch(loader, epoch)` before each epoch.
+        The DataLoader; call `set_epoch(loader, epoch)` before each epoch. A training loader's sampler
+        is a ResumableSampler (a resumed epoch can skip the batches already done).
     """
     wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=augment,
                                mosaic=mosaic, fraction=fraction)
-    if sampler is None and train:
+    sampler = None
+    if train:
         # The order of an epoch depends on (seed, epoch) alone, so a resumed run sees the same batches
-        # as an uninterrupted one. One replica of rank 0 is the single-process case of DDP's sampler.
-        sampler = DistributedSampler(wrapped, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        # as an uninterrupted one, and the ranks of a DDP run split one order between them: together
+        # their k-th batches hold the images of a single process's k-th batch of world_size times the size.
+        sampler = ResumableSampler(DistributedSampler(wrapped, num_replicas=world_size, rank=rank, shuffle=True,
+                                                      seed=seed))
     if workers < 0:
         # The cores are shared by torch's threads and the workers: on 2 cores, 2 threads with 1 worker
         # trained 19.9 images/s, with 0 workers 19.4 and with 2 workers 17.5 (benchmarks/loop_speed.py).
-        workers = min(max((os.cpu_count() or 1) - 1, 0), 8)
+        workers = min(max(cpu_share() - 1, 0), 8)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
                       persistent_workers=workers > 0)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Select the epoch that seeds a loader's shuffle order and augmentation (call before iterating it)."""
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Select the epoch that seeds a loader's shuffle order and augmentation (call before iterating it).
+
+    skip_batches: Leave out the epoch's first batches (those a stopped run trained on before it was
+        stopped); training loaders only.
+    """
     loader.dataset.set_epoch(epoch)
-    if hasattr(loader.sampler, "set_epoch"):
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    elif skip_batches:
+        raise ValueError("only a training loader (a ResumableSampler) can skip batches")
+    elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)

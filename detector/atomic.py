@@ -1,0 +1,51 @@
+"""Atomic file writes: a crash or a kill leaves either the old file or the new one, never half of one.
+
+Every artefact a later run reads back (checkpoints, results.csv, args.yaml, converted annotations,
+autobatch.json, plots) is written this way: a temp file beside the target, fsync, then one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`.
+
+    The temp file is in the same folder (a rename is atomic only within one file system) and is
+    removed if `write` raises. The folder is fsynced after the rename, so the new name survives a
+    power cut as well as a killed process.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` as UTF-8 to `path` atomically (see atomic_write_bytes)."""
+    atomic_write_bytes(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Not every platform or file system can open or fsync a folder; the rename itself is done by then.
+    with contextlib.suppress(OSError):
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)

@@ -1,0 +1,172 @@
+"""Inference: streams batched as they arrive with results in order, AutoBatch for inference, fused Conv+BN."""
+
+import contextlib
+import functools
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+import detector.api as api
+from detector import Model
+from detector.model import Detector
+from detector.predict import inference_batch
+from tests.conftest import content_sensitive_detector
+
+GIB = 2**30
+
+
+@contextlib.contextmanager
+def forward_batches():
+    """Records the batch size of every Detector forward while active, and whether gradients were on."""
+    seen: list[tuple[int, bool]] = []
+
+    def hook(module, args):
+        if isinstance(module, Detector):
+            seen.append((args[0].shape[0], torch.is_grad_enabled()))
+
+    handle = register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def crops(datasets_dir):
+    """Square 128 px views of coco8's val images (no letterbox padding, so scores follow the content)."""
+    images = []
+    for path in sorted((datasets_dir / "coco8" / "images" / "val").glob("*.jpg")):
+        image = cv2.imread(str(path))
+        side = min(image.shape[:2])
+        for left in (0, image.shape[1] - side):
+            images.append(cv2.resize(image[:side, left:left + side], (128, 128), interpolation=cv2.INTER_AREA))
+    return images  # 8 frames
+
+
+def test_a_stream_is_batched_as_it_arrives_and_results_come_in_order(coco8_checkpoint, crops):
+    def camera():  # a stream with hiccups: 3 frames, a pause, 3 frames, a pause, 2 frames
+        for index, image in enumerate(crops):
+            yield image
+            if index in (2, 5):
+                time.sleep(0.8)
+
+    model = Model(coco8_checkpoint)
+    with forward_batches() as seen:
+        results = list(model.predict(camera(), batch=8, max_wait_ms=200, conf=0.45, stream=True))
+    assert [r.index for r in results] == list(range(8))
+    assert all(r.image is image for r, image in zip(results, crops, strict=True))  # each result is its frame's
+    sizes = [size for size, _ in seen]
+    # The first batch went 0.2 s after frame 0 with the 3 frames before the pause, not waiting for 8.
+    assert sizes[0] == 3 and sum(sizes) == 8
+    assert not any(grad for _, grad in seen)
+    # Batched, the detections are those of one frame at a time.
+    one_by_one = model.predict(crops, batch=1, conf=0.45)
+    assert sum(len(r.scores) for r in one_by_one) > 0
+    for a, b in zip(results, one_by_one, strict=True):
+        assert len(a.scores) == len(b.scores)
+        np.testing.assert_array_equal(a.classes, b.classes)
+        np.testing.assert_allclose(a.boxes_xyxy, b.boxes_xyxy, atol=1e-3)
+
+
+class InjectedMemory:
+    """A memory probe whose step at batch b peaks at fixed + per_image * b bytes, and a clock at which a step
+    costs 0.1 s whatever its batch (so images/s always rises and memory decides). The batch is read from the
+    detector's input, so the real inference step runs."""
+
+    name = "injected"
+
+    def __init__(self, *, fixed=1 * GIB, per_image=0.5 * GIB, capacity=10.5 * GIB):
+        self.fixed, self.per_image, self.capacity_bytes = fixed, per_image, capacity
+        self.now, self._peak = 0.0, 0
+        self.handle = register_module_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        if isinstance(module, Detector):
+            self._peak = max(self._peak, int(self.fixed + self.per_image * args[0].shape[0]))
+            self.now += 0.1
+
+    def clock(self):
+        return self.now
+
+    def reset(self):
+        self._peak = 0
+
+    def watch(self):
+        return contextlib.nullcontext()
+
+    def peak(self):
+        return self._peak
+
+    def capacity(self):
+        return int(self.capacity_bytes)
+
+    def is_oom(self, err):
+        return isinstance(err, MemoryError)
+
+    def cleanup(self):
+        pass
+
+
+@pytest.fixture
+def injected(monkeypatch):
+    memory = InjectedMemory()
+    monkeypatch.setattr(api, "inference_batch", functools.partial(inference_batch, probe=memory, clock=memory.clock))
+    yield memory
+    memory.handle.remove()
+
+
+def test_batch_minus_one_predicts_at_autobatch_choice_from_forward_only_steps(coco8_checkpoint, crops, injected):
+    model = Model(coco8_checkpoint)
+    frames = crops * 3  # 24 frames
+    with forward_batches() as seen:
+        results = model.predict(frames, batch=-1, conf=0.45, imgsz=64)
+    # 60% of 10.5 GiB = 6.3 GiB; 1 GiB + 0.5 GiB/image fits 10 images.
+    assert [size for size, _ in seen][-3:] == [10, 10, 4]
+    assert not any(grad for _, grad in seen)  # the measured steps were forward-only, like inference
+    assert [r.index for r in results] == list(range(24))
+    with forward_batches() as again:
+        model.predict(frames, batch=-1, conf=0.45, imgsz=64)
+    assert [size for size, _ in again] == [10, 10, 4]  # the choice is remembered, not measured again
+    # Fewer frames than memory allows: sampling stops at the source's length, which is the batch.
+    with forward_batches() as few:
+        model.predict(crops[:4], batch=-1, conf=0.45, imgsz=64)
+    assert [size for size, _ in few][-1:] == [4] and max(size for size, _ in few) == 4
+
+
+def test_val_batch_minus_one_is_capped_by_the_dataset_and_matches_a_fixed_batch(coco8_checkpoint, datasets_dir,
+                                                                                 injected):
+    data = str(datasets_dir / "coco8" / "annotations" / "instances_val.json")
+    model = Model(coco8_checkpoint)
+    with forward_batches() as seen:
+        auto = model.val(data=data, batch=-1, conf=0.3)
+    assert [size for size, _ in seen][-1:] == [4]  # 4 val images, memory for 10
+    fixed = model.val(data=data, batch=1, conf=0.3)
+    assert auto["metrics/mAP50-95"] == pytest.approx(fixed["metrics/mAP50-95"], abs=1e-6)
+
+
+def test_fused_conv_bn_computes_the_same_outputs():
+    model = content_sensitive_detector(num_classes=5, seed=1)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        fused = model.fuse()
+        outputs = fused(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    for out, ref in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_a_video_gives_one_result_per_frame_and_drawn_frames(coco8_checkpoint, crops, tmp_path):
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (128, 128))
+    for image in crops[:3]:
+        writer.write(image)
+    writer.release()
+    results = Model(coco8_checkpoint).predict(video, batch=2, conf=0.45, save_dir=tmp_path / "drawn")
+    assert [(r.frame, r.index, r.path) for r in results] == [(i, i, str(video)) for i in range(3)]
+    assert all(r.image.shape == (128, 128, 3) for r in results)  # a video frame cannot be read again: kept
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == [f"clip_{i:06d}.jpg" for i in range(3)]

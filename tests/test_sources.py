@@ -1,0 +1,114 @@
+"""Sources of frames (folders, videos, arrays, generators) and their grouping into batches as they arrive."""
+
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from detector.errors import DataError
+from detector.sources import count_frames, iter_batches, open_source
+
+
+def slow_stream(count, pause_after, pause_s):
+    """Yields 0..count-1, pausing pause_s after each item in pause_after (a camera with hiccups)."""
+    for item in range(count):
+        yield item
+        if item in pause_after:
+            time.sleep(pause_s)
+
+
+def test_a_batch_waits_at_most_max_wait_then_goes_partly_full():
+    # Pauses of 0.6 s after items 2 and 5; a batch's first item waits at most 0.15 s for the rest.
+    groups = list(iter_batches(slow_stream(10, {2, 5}, 0.6), batch=8, max_wait_ms=150))
+    assert groups == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_without_max_wait_batches_are_full_until_the_end():
+    groups = list(iter_batches(slow_stream(10, {2}, 0.2), batch=4))
+    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_items_that_arrived_while_the_consumer_was_busy_go_together():
+    groups = []
+    for group in iter_batches(range(9), batch=4, max_wait_ms=0):
+        groups.append(group)
+        time.sleep(0.2)  # a slow model: the reader fills the queue meanwhile
+    assert [item for group in groups for item in group] == list(range(9))
+    # max_wait_ms=0 never waits, yet whatever queued up during the 0.2 s of work fills the next batch: the
+    # first group is whatever had arrived at once, then full groups.
+    assert len(groups) == 3 and len(groups[1]) == 4
+
+
+def test_a_reading_error_comes_after_the_items_before_it():
+    def broken():
+        yield from range(3)
+        raise DataError("cannot read image x.jpg")
+
+    seen = []
+    with pytest.raises(DataError, match="x.jpg"):
+        for group in iter_batches(broken(), batch=2):
+            seen.extend(group)
+    assert seen == [0, 1, 2]
+
+
+def test_a_consumer_that_stops_early_leaves_no_reading_thread():
+    def endless():
+        item = 0
+        while True:
+            yield item
+            item += 1
+
+    batches = iter_batches(endless(), batch=4)
+    assert next(batches) == [0, 1, 2, 3]
+    batches.close()
+    deadline = time.monotonic() + 2.0
+    while any(t.name == "detector-source" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "detector-source" for t in threading.enumerate())
+
+
+def _video(path, values, size=(48, 64)):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (size[1], size[0]))
+    assert writer.isOpened()
+    for value in values:
+        writer.write(np.full((*size, 3), value, np.uint8))
+    writer.release()
+
+
+def test_folders_videos_and_arrays_give_frames_in_order(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "b.png"), np.full((20, 30, 3), 200, np.uint8))
+    cv2.imwrite(str(folder / "a.png"), np.full((20, 30, 3), 100, np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    _video(tmp_path / "clip.avi", [30, 90, 150])
+    gray = np.full((10, 12), 7, np.uint8)  # grayscale arrays become 3 channels
+    source = [folder, tmp_path / "clip.avi", gray]
+
+    frames = list(open_source(source))
+    assert [f.index for f in frames] == list(range(6))
+    assert [(f.path.rsplit("/", 1)[-1], f.frame) for f in frames] == [
+        ("a.png", None), ("b.png", None), ("clip.avi", 0), ("clip.avi", 1), ("clip.avi", 2), ("", None)]
+    means = [float(f.image.mean()) for f in frames]
+    assert means[:2] == [100.0, 200.0] and means[5] == 7.0
+    assert [round(m / 10) * 10 for m in means[2:5]] == [30, 90, 150]  # MJPG is lossy, the order is not
+    assert frames[5].image.shape == (10, 12, 3)
+    assert count_frames(source) == 6 and count_frames(iter(source)) is None
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("no/such/folder", "does not exist"),
+    (np.zeros((4, 4, 3), np.float32), "must be uint8"),
+    (3.5, "not understood"),
+])
+def test_bad_sources_are_named(source, message):
+    with pytest.raises(DataError, match=message):
+        list(open_source(source))
+
+
+def test_a_folder_without_images_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no images or videos"):
+        open_source(tmp_path)  # at once, before any frame is asked for
