@@ -92,7 +92,8 @@ def build_detector(config: Config, num_classes: int, checkpoint: dict | None) ->
         model = build_model(config.model, num_classes)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["raw_model"])
-    return model
+    # channels_last: NHWC weights as well as inputs, so oneDNN (CPU) and cuDNN skip a reorder per convolution.
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 class Trainer:
@@ -173,9 +174,6 @@ class Trainer:
                             warmup_momentum=config.warmup_momentum, momentum=config.momentum,
                             accumulate=plan.accumulate, cosine=config.cos_lr)
         amp_dtype = getattr(torch, plan.amp_dtype) if plan.amp_dtype else None
-        if config.channels_last:
-            # NHWC weights as well as inputs: oneDNN (CPU) and cuDNN then skip a reorder at every convolution.
-            self.model.to(memory_format=torch.channels_last)
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         return StepContext(model=ranked_model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
                            scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
