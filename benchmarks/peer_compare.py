@@ -155,7 +155,7 @@ def child_ours(spec: dict) -> dict:
     stored = [batch for _, batch in zip(range(4), loader, strict=False)]
     train_step(run.ctx, stored[0].images, stored[0].targets)  # warm-up after the validation pass
     images, start = 0, time.perf_counter()
-    for index in range(8):
+    for index in range(12):
         batch = stored[index % len(stored)]
         train_step(run.ctx, batch.images, batch.targets)
         images += len(batch)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from torchvision.ops import complete_box_iou_loss
 
 EPS = 1e-9
@@ -88,19 +87,21 @@ class TaskAlignedAssigner:
     @staticmethod
     def _inside(points: torch.Tensor, gt_boxes_xyxy: torch.Tensor) -> torch.Tensor:
         """(B, M, A) whether each anchor centre lies strictly inside each box."""
-        top_left, bottom_right = gt_boxes_xyxy[:, :, None].split(2, dim=-1)  # (B, M, 1, 2)
-        margins = torch.cat([points - top_left, bottom_right - points], dim=-1)  # (B, M, A, 4)
-        return margins.amin(dim=-1) > EPS
+        x, y = points.T  # (A,) each
+        x1, y1, x2, y2 = gt_boxes_xyxy[..., None].unbind(dim=2)  # (B, M, 1) each
+        # Four broadcast comparisons straight to bool, no (B, M, A, 4) float margins (the loss's largest tensor).
+        return (x > x1 + EPS) & (y > y1 + EPS) & (x < x2 - EPS) & (y < y2 - EPS)
 
     def _metric(self, scores: torch.Tensor, boxes_xyxy: torch.Tensor, gt_classes: torch.Tensor,
                 gt_boxes_xyxy: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Alignment metric and IoU (B, M, A), computed only for anchors inside their box (zero elsewhere)."""
         b, m, a = inside.nonzero(as_tuple=True)
+        iou = aligned_iou(boxes_xyxy[b, a], gt_boxes_xyxy[b, m]).to(scores.dtype)
         overlaps = torch.zeros(inside.shape, dtype=scores.dtype, device=scores.device)
-        overlaps[b, m, a] = aligned_iou(boxes_xyxy[b, a], gt_boxes_xyxy[b, m]).to(scores.dtype)
-        class_scores = torch.zeros_like(overlaps)
-        class_scores[b, m, a] = scores[b, a, gt_classes[b, m]]
-        return class_scores.pow(self.alpha) * overlaps.pow(self.beta), overlaps
+        overlaps[b, m, a] = iou
+        metric = torch.zeros_like(overlaps)
+        metric[b, m, a] = scores[b, a, gt_classes[b, m]].pow(self.alpha) * iou.pow(self.beta)
+        return metric, overlaps
 
     def _top_k(self, metric: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         """(B, M, A) True at each box's top_k anchors by metric, anchors inside the box ranked first.
@@ -118,8 +119,9 @@ class TaskAlignedAssigner:
 
         Returns the resolved (B, M, A) positives and (B, A) index of each anchor's box (0 if none).
         """
-        claimed = positive.sum(dim=1, keepdim=True) > 1  # (B, 1, A)
-        best = torch.where(positive, overlaps, -1.0).argmax(dim=1)  # (B, A), always one of the claimants
-        best = F.one_hot(best, overlaps.shape[1]).transpose(1, 2).bool()  # (B, M, A)
-        positive = torch.where(claimed, best, positive)
-        return positive, positive.to(torch.uint8).argmax(dim=1)
+        # The claimant with the largest IoU (inside anchors have IoU >= 0 > -1); for an anchor with one claimant
+        # that is the claimant, for an anchor with none it is 0. Keeping each anchor's positive for that box
+        # alone resolves every anchor at once.
+        best = torch.where(positive, overlaps, -1.0).argmax(dim=1)  # (B, A)
+        slots = torch.arange(positive.shape[1], device=positive.device)[None, :, None]
+        return positive & (slots == best[:, None]), best

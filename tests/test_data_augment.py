@@ -235,3 +235,17 @@ def test_one_warp_mosaic_crop_equals_affine_then_centre_crop():
         np.testing.assert_allclose(np.reshape(a["bboxes"], (-1, 4)), np.reshape(b["bboxes"], (-1, 4)), atol=1e-3)
         kept += len(a["classes"])
     assert kept > 20  # the comparison saw boxes, not only empty crops
+
+
+def test_loader_workers_get_single_threaded_opencv(tmp_path):
+    """OpenCV threads in a loader worker compete with torch's threads: with workers, OpenCV runs on one thread."""
+    dataset = _colour_dataset(tmp_path, count=2)
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=0)
+        assert cv2.getNumThreads() == 2  # loading in this process keeps OpenCV's threads
+        build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=1)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)

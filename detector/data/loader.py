@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -209,6 +210,11 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         # The cores are shared by torch's threads and the workers: on 2 cores, 2 threads with 1 worker
         # trained 19.9 images/s, with 0 workers 19.4 and with 2 workers 17.5 (benchmarks/loop_speed.py).
         workers = min(max(cpu_share() - 1, 0), 8)
+    if workers:
+        # Workers inherit this at fork (it cannot be set safely inside one): OpenCV's own thread pool in a
+        # worker fought torch's threads for the cores; single-threaded OpenCV in one worker trained coco128
+        # at 320 about 7% faster on 2 cores (benchmarks/peer_compare.py, docs/performance.md). Process-wide.
+        cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
