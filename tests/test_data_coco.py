@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import pytest
 
 from detector.data.coco import CocoDataset
@@ -233,3 +234,19 @@ def test_load_for_a_smaller_size_decodes_at_reduced_scale_with_boxes_to_match(tm
     assert dataset.load(0, 321)[0].shape == (480, 640, 3)  # half would be smaller than asked
     assert dataset.load(0, 160)[0].shape == (120, 160, 3)  # quarter scale
     assert dataset.load(1, 160)[0].shape == (480, 641, 3)  # 641 does not halve exactly: full decode
+
+
+def test_cache_auto_keeps_images_that_fit_the_ram_budget_at_the_training_size(tmp_path, monkeypatch, caplog):
+    from detector.data import coco
+
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [40, 20, 40, 40])])
+    with caplog.at_level(logging.INFO, logger="detector"):
+        fitting = CocoDataset(images_dir, json_path, cache="auto", max_size=40)
+    assert fitting.load(0)[0].shape == (30, 40, 3)  # decoded once, shrunk to the training size
+    assert fitting._cache is not None and "kept in RAM" in caplog.text
+    # 60x80 + 50x40 shrunk to 40 px: 30*40*3 + 40*32*3 bytes; a budget below that reads from disk.
+    monkeypatch.setattr(coco, "CACHE_AUTO_SHARE", 0.9 * (30 * 40 * 3 + 40 * 32 * 3) / psutil.virtual_memory().available)
+    with caplog.at_level(logging.INFO, logger="detector"):
+        too_big = CocoDataset(images_dir, json_path, cache="auto", max_size=40)
+    assert too_big._cache is None and "read from disk" in caplog.text
+    assert too_big.load(0)[0].shape == (60, 80, 3)

@@ -12,12 +12,14 @@ import io
 import json
 import logging
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -87,6 +89,8 @@ def _ends_with_eoi(path: Path) -> bool:
         tail = file.read()
     return tail.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
 
+
+CACHE_AUTO_SHARE = 0.1  # cache=auto keeps the decoded images when they need at most this share of free RAM
 
 _READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -190,14 +194,15 @@ class CocoDataset:
         max_boxes: Most boxes any image has after filtering.
     """
 
-    def __init__(self, images_dir: Path | str, annotation_json: Path | str, *, cache: bool = False,
+    def __init__(self, images_dir: Path | str, annotation_json: Path | str, *, cache: bool | str = False,
                  skip_bad_images: bool = False, max_size: int | None = None) -> None:
         """Parses the JSON and checks every image file.
 
         Args:
             images_dir: Folder the JSON's file_name entries are relative to.
             annotation_json: COCO instances JSON.
-            cache: Keep the decoded images in RAM (decoded once, here).
+            cache: Keep the decoded images in RAM (decoded once, here): True, False, or "auto" for True when
+                they need at most CACHE_AUTO_SHARE of the available RAM (shared by the local DDP ranks).
             skip_bad_images: Drop missing/unreadable images with a warning instead of raising.
             max_size: With cache, shrink cached images so their longest side is at most this.
 
@@ -231,10 +236,22 @@ class CocoDataset:
         self._warn_dropped(counts)
         self.max_boxes = max((len(t) for t in self.targets), default=0)
         self._cache: list[np.ndarray] | None = None
+        if cache == "auto":
+            cache = self._fits_in_ram(max_size)
         if cache:
             self._cache = [self._decode(i, max_size) for i in range(len(self))]
         logger.info("%s: %d images, %d boxes, %d classes", self.annotation_json.name, len(self),
                     sum(len(t) for t in self.targets), len(self.names))
+
+    def _fits_in_ram(self, max_size: int | None) -> bool:
+        """Whether the decoded images (shrunk to max_size) take at most CACHE_AUTO_SHARE of the available RAM."""
+        shrink = [min(max_size / max(size), 1.0) if max_size else 1.0 for size in self.sizes]
+        need = sum(3 * (h * f) * (w * f) for (h, w), f in zip(self.sizes, shrink, strict=True))
+        budget = CACHE_AUTO_SHARE * psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        fits = need <= budget
+        logger.info("cache=auto: %s decoded images need %.2f GiB, %s", self.annotation_json.name, need / 2**30,
+                    "kept in RAM" if fits else f"over the budget of {budget / 2**30:.2f} GiB: read from disk")
+        return fits
 
     def _scan_images(self, records: list[dict], skip_bad_images: bool) -> list[tuple[dict, tuple[int, int]]]:
         """Probes every image; returns (record, (height, width)) of the good ones."""
