@@ -3,13 +3,14 @@
     python benchmarks/peer_compare.py --peer-python /work/peer-env/bin/python
         [--configs coco8-320 coco8-640 coco128-320 coco128-640 shapes-320 shapes-640] [--epochs 3]
         [--repeats 1] [--close-mosaic 0] [--work /tmp/peer-compare] [--datasets DIR] [--font TTF]
-        [--variants ours peer peer-2t] [--ours KEY=VALUE ...]
+        [--variants ours peer peer-2t] [--ours KEY=VALUE ...] [--device cpu] [--batch 16]
 
 Installs nothing: the peer runs from its own environment (`--peer-python`, a python with ultralytics).
 A configuration is DATASET-IMGSZ, optionally @EPOCHS (e.g. shapes-320@15). coco8 and coco128 are copied
 from `--datasets` (default $DETECTOR_DATASETS) into `--work`, since the peer writes label caches next to
 the data; the embedded shapes set is rendered there and its COCO JSON converted to YOLO labels for the
-peer. Every run trains the nano model from scratch on CPU at batch 16, in a fresh process:
+peer. Every run trains the nano model from scratch at batch 16 on the CPU (or --batch, --device: a GPU
+index, or batch -1 for each side's AutoBatch), in a fresh process:
 
     ours           this package with its defaults (threads = physical cores, one loader worker)
     peer           the peer's nano model built from its YAML (yolov8n.yaml), its defaults (it sets
@@ -139,8 +140,9 @@ def child_ours(spec: dict) -> dict:
         return train_one_epoch(*args, **kwargs)
 
     engine.train_step, trainer_module.train_one_epoch = timed_step, timed_epoch
-    run = trainer_module.Trainer({"data": spec["card"], "model": "n", "imgsz": spec["imgsz"], "batch": 16,
-                                  "epochs": spec["epochs"], "device": "cpu", "close_mosaic": spec["close_mosaic"],
+    run = trainer_module.Trainer({"data": spec["card"], "model": "n", "imgsz": spec["imgsz"], "batch": spec["batch"],
+                                  "epochs": spec["epochs"], "device": spec["device"],
+                                  "close_mosaic": spec["close_mosaic"],
                                   "val": False, "plots": False, "project": spec["project"], "name": spec["run"],
                                   "exist_ok": True, **spec["ours_overrides"]})
     metrics = run.fit()
@@ -159,6 +161,8 @@ def child_ours(spec: dict) -> dict:
         batch = stored[index % len(stored)]
         train_step(run.ctx, batch.images, batch.targets)
         images += len(batch)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # the steps are queued: wait for the last one
     return {"batches": batches, "epoch_starts": epoch_starts, "threads": torch.get_num_threads(),
             "workers": workers, "pure": images / (time.perf_counter() - start), "map50_95": metrics["metrics/mAP50-95"]}
 
@@ -182,7 +186,8 @@ def child_peer(spec: dict) -> dict:
         # The batch is a local of the peer's loop: its size follows from its place in the epoch (no drop_last).
         epoch = len(epoch_starts) - 1
         index = sum(1 for b in batches if b[0] == epoch)
-        count = min(16, len(trainer.train_loader.dataset) - 16 * index)
+        size = trainer.batch_size
+        count = min(size, len(trainer.train_loader.dataset) - size * index)
         batches.append((epoch, time.perf_counter(), count))
         seen.setdefault("threads", torch.get_num_threads())
         seen.setdefault("workers", trainer.train_loader.num_workers)
@@ -190,14 +195,15 @@ def child_peer(spec: dict) -> dict:
     model = YOLO("yolov8n.yaml")
     model.add_callback("on_train_epoch_start", epoch_start)
     model.add_callback("on_train_batch_end", batch_end)
-    model.train(data=spec["peer_yaml"], imgsz=spec["imgsz"], batch=16, epochs=spec["epochs"], device="cpu",
+    model.train(data=spec["peer_yaml"], imgsz=spec["imgsz"], batch=spec["batch"], epochs=spec["epochs"],
+                device=spec["device"],
                 close_mosaic=spec["close_mosaic"], val=False, plots=False, project=spec["project"],
                 name=spec["run"], exist_ok=True, verbose=False)
     own_map = float(model.trainer.metrics.get("metrics/mAP50-95(B)", float("nan")))
     best = YOLO(str(model.trainer.best))
     sources = sorted(str(p) for p in Path(spec["val_images"]).iterdir() if p.suffix.lower() in (".jpg", ".png"))
     detections = []
-    for result in best.predict(sources, imgsz=spec["imgsz"], conf=0.001, iou=0.7, max_det=300, device="cpu",
+    for result in best.predict(sources, imgsz=spec["imgsz"], conf=0.001, iou=0.7, max_det=300, device=spec["device"],
                                batch=16, stream=True, verbose=False):
         boxes = result.boxes
         for box, score, cls in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist(), strict=True):
@@ -341,6 +347,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
                         help="settings for our runs besides their defaults, e.g. workers=0 cache=true")
+    parser.add_argument("--device", default="cpu", help="cpu, or a GPU index (both sides)")
+    parser.add_argument("--batch", type=float, default=16, help="batch of both sides; -1 = each side's AutoBatch")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: VARIANT SPEC_JSON
     args = parser.parse_args()
     if args.child:
@@ -361,7 +369,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for config in configs:
             for variant in args.variants:  # interleaved, so that a busy spell on the machine hits every variant
-                spec = {**config, **data[config["dataset"]], "close_mosaic": args.close_mosaic,
+                spec = {**config, **data[config["dataset"]], "close_mosaic": args.close_mosaic, "device": args.device,
+                        "batch": int(args.batch) if args.batch == int(args.batch) else args.batch,
                         "ours_overrides": dict(item.split("=", 1) for item in args.ours),
                         "threads": 2 if variant == "peer-2t" else 0, "project": str(work / "runs" / variant),
                         "run": f"{config['name']}-e{config['epochs']}-{variant}-r{repeat}"}
@@ -373,7 +382,7 @@ def main() -> None:
                       f"(PSS with workers {result['peak_pss_mib']:.0f}), "
                       f"mAP50-95 {result['map']:.3f}" + (f", pure step {result['pure']:.2f} img/s"
                                                          if variant == "ours" else ""), flush=True)
-    (work / "results.json").write_text(json.dumps({"runs": runs}, indent=1))
+                (work / "results.json").write_text(json.dumps({"runs": runs}, indent=1))  # kept if stopped early
     if set(args.variants) == set(VARIANTS):
         rows = [summarize(c, runs[c["name"]]) for c in configs]
         (work / "results.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))

@@ -25,6 +25,7 @@ from detector.data.loader import build_dataloader, set_epoch
 from detector.loss import DetectionLoss
 from detector.model import build_model
 from detector.optim import ModelEMA, Schedule, build_optimizer
+from detector.runs import set_threads
 
 REGIONS = ("data", "forward", "loss", "backward", "optimizer+ema")
 
@@ -65,14 +66,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache", action="store_true", help="decode the images once, into RAM")
+    parser.add_argument("--cache", action="store_true", help="decode the images once, into RAM (as cache=auto does "
+                        "for a set this small)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC model and inputs, as training does")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sort", default="self_cpu_time_total")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # as training sets them (and, where the code has it, its host memory setting)
     card = load_data_card(args.data)
-    dataset = CocoDataset(card.train_images, card.train_json, cache=args.cache)
+    dataset = CocoDataset(card.train_images, card.train_json, cache=args.cache, max_size=args.imgsz)
     loader = build_dataloader(dataset, train=True, image_size=args.imgsz, batch_size=16, workers=args.workers)
     set_epoch(loader, 0)
     ctx = build_context(len(dataset.names), len(loader), args.channels_last)
