@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from torchvision.ops import complete_box_iou_loss
 
 EPS = 1e-9
@@ -62,7 +61,7 @@ class TaskAlignedAssigner:
             gt_boxes_xyxy: (B, M, 4) ground-truth boxes, input pixels.
             gt_valid: (B, M) bool, False for padding slots (images have different numbers of boxes).
         """
-        batch, anchors, num_classes = scores.shape
+        batch, anchors, _ = scores.shape
         if gt_boxes_xyxy.shape[1] == 0:
             return Assignment(torch.zeros_like(boxes_xyxy), torch.zeros_like(scores),
                               torch.zeros(batch, anchors, dtype=torch.bool, device=scores.device))
@@ -75,30 +74,34 @@ class TaskAlignedAssigner:
         image = torch.arange(batch, device=scores.device)[:, None]
         target_boxes = gt_boxes_xyxy[image, owner]  # (B, A, 4)
         target_classes = gt_classes[image, owner]  # (B, A)
-        target_scores = F.one_hot(target_classes, num_classes).to(scores.dtype) * foreground[..., None]
         # Soft targets: per box, t / max(t) * max(IoU) over its positives, read at each anchor.
         metric = metric * positive
         best_metric = metric.amax(dim=-1, keepdim=True)
         best_overlap = (overlaps * positive).amax(dim=-1, keepdim=True)
         quality = (metric * best_overlap / (best_metric + EPS)).amax(dim=1)  # (B, A)
-        return Assignment(target_boxes, target_scores * quality[..., None], foreground)
+        # One write per anchor into zeros, rather than a one-hot (B, A, C) and two products over it.
+        target_scores = torch.zeros_like(scores).scatter_(-1, target_classes[..., None],
+                                                          (quality * foreground)[..., None])
+        return Assignment(target_boxes, target_scores, foreground)
 
     @staticmethod
     def _inside(points: torch.Tensor, gt_boxes_xyxy: torch.Tensor) -> torch.Tensor:
         """(B, M, A) whether each anchor centre lies strictly inside each box."""
-        top_left, bottom_right = gt_boxes_xyxy[:, :, None].split(2, dim=-1)  # (B, M, 1, 2)
-        margins = torch.cat([points - top_left, bottom_right - points], dim=-1)  # (B, M, A, 4)
-        return margins.amin(dim=-1) > EPS
+        x, y = points.T  # (A,) each
+        x1, y1, x2, y2 = gt_boxes_xyxy[..., None].unbind(dim=2)  # (B, M, 1) each
+        # Four broadcast comparisons straight to bool, no (B, M, A, 4) float margins (the loss's largest tensor).
+        return (x > x1 + EPS) & (y > y1 + EPS) & (x < x2 - EPS) & (y < y2 - EPS)
 
     def _metric(self, scores: torch.Tensor, boxes_xyxy: torch.Tensor, gt_classes: torch.Tensor,
                 gt_boxes_xyxy: torch.Tensor, inside: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Alignment metric and IoU (B, M, A), computed only for anchors inside their box (zero elsewhere)."""
         b, m, a = inside.nonzero(as_tuple=True)
+        iou = aligned_iou(boxes_xyxy[b, a], gt_boxes_xyxy[b, m]).to(scores.dtype)
         overlaps = torch.zeros(inside.shape, dtype=scores.dtype, device=scores.device)
-        overlaps[b, m, a] = aligned_iou(boxes_xyxy[b, a], gt_boxes_xyxy[b, m]).to(scores.dtype)
-        class_scores = torch.zeros_like(overlaps)
-        class_scores[b, m, a] = scores[b, a, gt_classes[b, m]]
-        return class_scores.pow(self.alpha) * overlaps.pow(self.beta), overlaps
+        overlaps[b, m, a] = iou
+        metric = torch.zeros_like(overlaps)
+        metric[b, m, a] = scores[b, a, gt_classes[b, m]].pow(self.alpha) * iou.pow(self.beta)
+        return metric, overlaps
 
     def _top_k(self, metric: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         """(B, M, A) True at each box's top_k anchors by metric, anchors inside the box ranked first.
@@ -116,8 +119,9 @@ class TaskAlignedAssigner:
 
         Returns the resolved (B, M, A) positives and (B, A) index of each anchor's box (0 if none).
         """
-        claimed = positive.sum(dim=1, keepdim=True) > 1  # (B, 1, A)
-        best = torch.where(positive, overlaps, -1.0).argmax(dim=1)  # (B, A), always one of the claimants
-        best = F.one_hot(best, overlaps.shape[1]).transpose(1, 2).bool()  # (B, M, A)
-        positive = torch.where(claimed, best, positive)
-        return positive, positive.to(torch.uint8).argmax(dim=1)
+        # The claimant with the largest IoU (inside anchors have IoU >= 0 > -1); for an anchor with one claimant
+        # that is the claimant, for an anchor with none it is 0. Keeping each anchor's positive for that box
+        # alone resolves every anchor at once.
+        best = torch.where(positive, overlaps, -1.0).argmax(dim=1)  # (B, A)
+        slots = torch.arange(positive.shape[1], device=positive.device)[None, :, None]
+        return positive & (slots == best[:, None]), best

@@ -60,6 +60,8 @@ def flatten_outputs(outputs: list[torch.Tensor], reg_max: int) -> tuple[torch.Te
         distance logits (B, A, 4, reg_max) and class logits (B, A, C), anchors in make_anchors' order.
     """
     batch = outputs[0].shape[0]
-    flat = torch.cat([o.flatten(2) for o in outputs], dim=2).transpose(1, 2)  # (B, A, 4R + C)
+    # (B, C', H, W) -> (B, H * W, C'): a view for channels_last outputs, and the cat yields one contiguous
+    # (B, A, 4R + C) whose rows are anchors, the layout the per-anchor terms of the loss read fastest.
+    flat = torch.cat([o.permute(0, 2, 3, 1).reshape(batch, -1, o.shape[1]) for o in outputs], dim=1)
     distance_logits, class_logits = flat.split([4 * reg_max, flat.shape[-1] - 4 * reg_max], dim=-1)
     return distance_logits.reshape(batch, -1, 4, reg_max), class_logits

@@ -40,7 +40,7 @@ class Config:
     amp: bool
     channels_last: bool
     sync_bn: str
-    cache: bool
+    cache: str
     skip_bad_images: bool
     seed: int
     deterministic: bool
@@ -177,7 +177,7 @@ def convert(key: str, value: Any) -> Any:
         if key == "optimizer":
             return _optimizer_name(value)
         if key == "cache":
-            return _bool(value, extra_true={"ram"})
+            return "auto" if str(value).strip().lower() == "auto" else str(_bool(value, extra_true={"ram"})).lower()
         if key == "sync_bn":
             return "auto" if str(value).strip().lower() == "auto" else str(_bool(value)).lower()
         if key == "resume":
@@ -226,7 +226,7 @@ def _fail() -> float:
 
 def _type_words(key: str, kind: str) -> str:
     if key == "cache":
-        return "true, false or ram"
+        return "auto, true (ram) or false"
     if key == "sync_bn":
         return "true, false or auto"
     return {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "text")

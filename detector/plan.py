@@ -121,7 +121,7 @@ def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device
                     saved[0].batch, saved[1].batch, run_dir / "autobatch.json")
         return saved
     image_size, amp_dtype = round_image_size(config.imgsz), amp_dtype_for(config, device)
-    channels_last = config.channels_last and device.type == "cuda"
+    channels_last = config.channels_last
     decisions = []
     for phase in ("train", "val"):
         if phase == "train":

@@ -35,7 +35,7 @@ from detector.checkpoint import (
 from detector.config import Config, load_defaults, make_config
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
-from detector.data.loader import build_dataloader, set_epoch
+from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
 from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
 from detector.errors import ConfigError
 from detector.interrupt import StopRequest
@@ -92,7 +92,8 @@ def build_detector(config: Config, num_classes: int, checkpoint: dict | None) ->
         model = build_model(config.model, num_classes)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["raw_model"])
-    return model
+    # channels_last: NHWC weights as well as inputs, so oneDNN (CPU) and cuDNN skip a reorder per convolution.
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 class Trainer:
@@ -110,7 +111,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         # Data first: a broken dataset fails here, before a run folder exists.
-        self.train_data = CocoDataset(self.card.train_images, self.card.train_json, cache=config.cache,
+        self.train_data = CocoDataset(self.card.train_images, self.card.train_json, max_size=config.imgsz,
+                                      cache=config.cache if config.cache == "auto" else config.cache == "true",
                                       skip_bad_images=config.skip_bad_images)
         self.val_data = CocoDataset(self.card.val_images, self.card.val_json,
                                     skip_bad_images=config.skip_bad_images)
@@ -176,7 +178,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         return StepContext(model=ranked_model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
                            scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
-                           amp_dtype=amp_dtype, channels_last=config.channels_last and self.device.type == "cuda",
+                           amp_dtype=amp_dtype, channels_last=config.channels_last,
                            grad_clip=config.grad_clip)
 
     def _restore(self, checkpoint: dict) -> None:
@@ -197,8 +199,7 @@ class Trainer:
     def loader(self, train: bool, mosaic: bool = True):
         """The training (augmented, shuffled) or validation (letterboxed) DataLoader of this run."""
         config = self.config
-        augment = {k: getattr(config, k) for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale",
-                                                   "shear", "fliplr", "mosaic")}
+        augment = {k: getattr(config, k) for k in AUGMENT_KEYS}
         dataset = self.train_data if train else self.val_data
         return build_dataloader(dataset, train=train, image_size=self.plan.image_size,
                                 batch_size=self.plan.batch // self.world if train else self.plan.val_batch,

@@ -38,6 +38,7 @@ def test_batch_semantics(batch, fraction):
     (["amp=maybe"], ["amp='maybe'", "true or false"]),
     (["lr0=nan"], ["lr0='nan'"]),
     (["optimizer=rmsprop"], ["optimizer='rmsprop'", "SGD"]),
+    (["cache=disk"], ["cache='disk'", "auto, true (ram) or false"]),
     (["epochs"], ["not key=value"]),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(args, words):
@@ -47,6 +48,12 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(args, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+@pytest.mark.parametrize(("value", "wanted"), [("auto", "auto"), ("AUTO", "auto"), ("ram", "true"), (True, "true"),
+                                               ("false", "false"), (False, "false")])
+def test_cache_is_auto_true_or_false(value, wanted):
+    assert make_config({"cache": value}).cache == wanted
 
 
 def test_python_values_go_through_the_same_checks():

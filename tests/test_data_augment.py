@@ -202,3 +202,50 @@ def test_mosaic_false_uses_one_image_per_sample(tmp_path):
         classes = set(batch.targets[batch.targets[:, 0] == i, 1].long().tolist())
         own = set(dataset.targets[dataset.image_ids.index(image_id)].classes.tolist())
         assert classes <= own and classes
+
+
+def test_one_warp_mosaic_crop_equals_affine_then_centre_crop():
+    """CenterCroppedAffine folds the crop into the warp: same draws, same pixels, same boxes as Affine + CenterCrop."""
+    import albumentations as A
+
+    from detector.data.augment import CenterCroppedAffine
+
+    size, rng = 64, np.random.default_rng(0)
+    canvas = rng.integers(0, 255, (2 * size, 2 * size, 3), dtype=np.uint8)
+    corners = rng.uniform(0, 2 * size - 20, (12, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(6, 20, (12, 2))], axis=1).astype(np.float32)
+    classes = np.arange(12)
+    args = dict(scale=(0.5, 1.5), translate_percent=(-0.1, 0.1), rotate=(-10, 10), shear=(-5, 5),
+                interpolation=cv2.INTER_LINEAR, keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=114, p=1.0)
+    params = A.BboxParams(format="pascal_voc", label_fields=["classes"], clip=True, min_visibility=0.1,
+                          min_width=2, min_height=2)
+    two_steps = A.Compose([A.Affine(**args), A.CenterCrop(size, size)], bbox_params=params)
+    one_warp = A.Compose([CenterCroppedAffine(size, **args)], bbox_params=params)
+    kept = 0
+    for seed in range(20):
+        two_steps.set_random_seed(seed)
+        one_warp.set_random_seed(seed)
+        a = two_steps(image=canvas, bboxes=boxes, classes=classes)
+        b = one_warp(image=canvas, bboxes=boxes, classes=classes)
+        assert b["image"].shape == (size, size, 3)
+        # The same warp, only its output window moved: at most a rounding step apart, almost everywhere equal.
+        difference = np.abs(a["image"].astype(int) - b["image"].astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+        assert list(a["classes"]) == list(b["classes"])
+        np.testing.assert_allclose(np.reshape(a["bboxes"], (-1, 4)), np.reshape(b["bboxes"], (-1, 4)), atol=1e-3)
+        kept += len(a["classes"])
+    assert kept > 20  # the comparison saw boxes, not only empty crops
+
+
+def test_loader_workers_get_single_threaded_opencv(tmp_path):
+    """OpenCV threads in a loader worker compete with torch's threads: with workers, OpenCV runs on one thread."""
+    dataset = _colour_dataset(tmp_path, count=2)
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=0)
+        assert cv2.getNumThreads() == 2  # loading in this process keeps OpenCV's threads
+        build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=1)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)

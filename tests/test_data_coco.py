@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import psutil
 import pytest
 
 from detector.data.coco import CocoDataset
@@ -214,3 +215,38 @@ def test_corrupt_files_in_the_middle_are_all_listed_or_skipped_with_a_count(tmp_
         dataset = CocoDataset(images_dir, json_path, skip_bad_images=True)
     assert dataset.image_ids == [1, 6, 7] and [len(t) for t in dataset.targets] == [1, 1, 1]
     assert any("skipping 4 missing or unreadable images" in r.getMessage() for r in caplog.records)
+
+
+def test_load_for_a_smaller_size_decodes_at_reduced_scale_with_boxes_to_match(tmp_path):
+    """A 640 x 480 JPEG loaded for imgsz 320 is decoded at half scale; boxes halve exactly, and stay on the object."""
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [200, 100, 160, 120]), _ann(2, [10, 10, 20, 20])],
+                                           sizes=((480, 640), (480, 641)))
+    image = np.full((480, 640, 3), 30, np.uint8)
+    image[100:220, 200:360] = 220  # the annotated object, drawn
+    cv2.imwrite(str(images_dir / "1.jpg"), image)
+    dataset = CocoDataset(images_dir, json_path)
+    full, full_target, _ = dataset.load(0)
+    half, half_target, _ = dataset.load(0, 320)
+    assert full.shape == (480, 640, 3) and half.shape == (240, 320, 3)
+    np.testing.assert_array_equal(half_target.boxes_xyxy, full_target.boxes_xyxy / 2)
+    x1, y1, x2, y2 = half_target.boxes_xyxy[0].astype(int)
+    assert half[y1 + 2:y2 - 2, x1 + 2:x2 - 2].mean() > 200 and half[:y1 - 2].mean() < 50
+    assert dataset.load(0, 321)[0].shape == (480, 640, 3)  # half would be smaller than asked
+    assert dataset.load(0, 160)[0].shape == (120, 160, 3)  # quarter scale
+    assert dataset.load(1, 160)[0].shape == (480, 641, 3)  # 641 does not halve exactly: full decode
+
+
+def test_cache_auto_keeps_images_that_fit_the_ram_budget_at_the_training_size(tmp_path, monkeypatch, caplog):
+    from detector.data import coco
+
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [40, 20, 40, 40])])
+    with caplog.at_level(logging.INFO, logger="detector"):
+        fitting = CocoDataset(images_dir, json_path, cache="auto", max_size=40)
+    assert fitting.load(0)[0].shape == (30, 40, 3)  # decoded once, shrunk to the training size
+    assert fitting._cache is not None and "kept in RAM" in caplog.text
+    # 60x80 + 50x40 shrunk to 40 px: 30*40*3 + 40*32*3 bytes; a budget below that reads from disk.
+    monkeypatch.setattr(coco, "CACHE_AUTO_SHARE", 0.9 * (30 * 40 * 3 + 40 * 32 * 3) / psutil.virtual_memory().available)
+    with caplog.at_level(logging.INFO, logger="detector"):
+        too_big = CocoDataset(images_dir, json_path, cache="auto", max_size=40)
+    assert too_big._cache is None and "read from disk" in caplog.text
+    assert too_big.load(0)[0].shape == (60, 80, 3)

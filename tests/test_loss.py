@@ -154,3 +154,27 @@ def test_loss_is_batch_mean_times_batch_size():
     assert loss_two.item() == pytest.approx(2 * loss_one.item(), rel=1e-5)
     for key in items_one:
         assert items_two[key].item() == pytest.approx(items_one[key].item(), rel=1e-5)
+
+
+def test_channels_last_model_and_inputs_give_the_loss_and_gradients_of_contiguous_ones():
+    """Training runs NHWC (model and inputs) by default; flatten_outputs reads NHWC head outputs as views."""
+    from detector.model import Detector
+
+    torch.manual_seed(0)
+    model = Detector(num_classes=3, depth=0.33, width=0.125, max_channels=256).train()
+    nhwc = Detector(num_classes=3, depth=0.33, width=0.125, max_channels=256).train()
+    nhwc.load_state_dict(model.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 64, 64)
+    targets = torch.tensor([[0.0, 1, 4, 6, 40, 30], [1.0, 2, 20, 20, 60, 50], [1.0, 0, 2, 30, 20, 62]])
+    criterion = DetectionLoss(num_classes=3, strides=STRIDES, reg_max=REG_MAX)
+    losses = []
+    for net, batch in ((model, images), (nhwc, images.contiguous(memory_format=torch.channels_last))):
+        outputs = net(batch)
+        losses.append(criterion(outputs, targets, batch_size=2)[0])
+        losses[-1].backward()
+    assert nhwc.head.cls[0][-1].weight.is_contiguous(memory_format=torch.channels_last)
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    # The convolutions sum in another order: equal up to float rounding, relative to each gradient's scale.
+    for (name, a), b in zip(model.named_parameters(), nhwc.parameters(), strict=True):
+        assert (b.grad - a.grad).abs().max() <= 1e-3 * a.grad.abs().max(), name

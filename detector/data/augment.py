@@ -98,6 +98,39 @@ def mosaic4(images: list[np.ndarray], targets: list[Target], size: int, center: 
     return canvas, Target(np.concatenate(all_boxes).astype(np.float32), np.concatenate(all_classes))
 
 
+class CenterCroppedAffine(A.Affine):
+    """A.Affine whose output is the centre `size` x `size` of the transformed image, made in one warp.
+
+    The same random draws, pixels and boxes as Affine followed by CenterCrop(size, size), without
+    warping the (2S)^2 mosaic canvas only to keep S^2 of it: the crop's offset is folded into the
+    image's affine matrix and output shape (the warp was about a fifth of the loading time at imgsz 640).
+    Boxes still go through the whole canvas first and are clipped to it, so the visibility filter
+    sees what it saw after the separate crop.
+    """
+
+    def __init__(self, size: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.size = size
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        result = super().get_params_dependent_on_data(params, data)
+        height, width = params["shape"][:2]
+        offset = ((width - self.size) // 2, (height - self.size) // 2)  # CenterCrop's top-left corner
+        crop = np.array([[1.0, 0.0, -offset[0]], [0.0, 1.0, -offset[1]], [0.0, 0.0, 1.0]])
+        return {**result, "matrix": crop @ result["matrix"], "output_shape": (self.size, self.size),
+                "crop_offset": offset}
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, bbox_matrix: np.ndarray, output_shape: tuple[int, int],
+                        **params) -> np.ndarray:
+        """Normalised boxes of the input -> normalised boxes of the cropped output (extra columns kept)."""
+        height, width = params["shape"][:2]
+        boxes = super().apply_to_bboxes(bboxes, bbox_matrix, (height, width), **params).copy()
+        canvas = np.array([width, height, width, height], np.float64)
+        corners = np.clip(boxes[:, :4] * canvas, 0, canvas)
+        boxes[:, :4] = (corners - np.tile(params["crop_offset"], 2)) / self.size
+        return boxes
+
+
 class TrainTransform:
     """Training augmentation: mosaic, affine (scale/translate/rotate/shear), HSV jitter, flip."""
 
@@ -110,18 +143,18 @@ class TrainTransform:
         bbox_params = A.BboxParams(format="pascal_voc", label_fields=["classes"], clip=True,
                                    min_visibility=MIN_VISIBILITY, min_width=MIN_BOX_SIZE,
                                    min_height=MIN_BOX_SIZE)
-        affine = A.Affine(scale=(max(1 - scale, 0.05), 1 + scale), translate_percent=(-translate, translate),
-                          rotate=(-degrees, degrees), shear=(-shear, shear), interpolation=cv2.INTER_LINEAR,
-                          keep_ratio=True,  # one scale for x and y: objects keep their aspect
-                          border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0)
+        affine_args = dict(scale=(max(1 - scale, 0.05), 1 + scale), translate_percent=(-translate, translate),
+                           rotate=(-degrees, degrees), shear=(-shear, shear), interpolation=cv2.INTER_LINEAR,
+                           keep_ratio=True,  # one scale for x and y: objects keep their aspect
+                           border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0)
         tail = [A.HorizontalFlip(p=fliplr)]
         if hsv_h or hsv_s or hsv_v:
             # ColorJitter's brightness/saturation factors and hue fraction are the YOLO hsv gains.
             tail.insert(0, A.ColorJitter(brightness=hsv_v, contrast=0, saturation=hsv_s, hue=hsv_h, p=1.0))
-        # Mosaic canvases are 2S: the affine acts on the whole canvas, then the centre S x S is kept.
-        self._after_mosaic = A.Compose([affine, A.CenterCrop(image_size, image_size), *tail],
+        # Mosaic canvases are 2S: the affine acts on the whole canvas, and the centre S x S is kept.
+        self._after_mosaic = A.Compose([CenterCroppedAffine(image_size, **affine_args), *tail],
                                        bbox_params=bbox_params)
-        self._single = A.Compose([affine, *tail], bbox_params=bbox_params)
+        self._single = A.Compose([A.Affine(**affine_args), *tail], bbox_params=bbox_params)
 
     def __call__(self, dataset: CocoDataset, index: int, rng: np.random.Generator
                  ) -> tuple[np.ndarray, Target]:
@@ -135,7 +168,7 @@ class TrainTransform:
             indices = [index, *rng.integers(0, len(dataset), 3).tolist()]
             images, targets = [], []
             for i in indices:
-                image, target, _ = dataset.load(i)
+                image, target, _ = dataset.load(i, size)
                 image, boxes, _ = resize_longest(image, target.boxes_xyxy, size)
                 images.append(image)
                 targets.append(Target(boxes, target.classes))
@@ -143,7 +176,7 @@ class TrainTransform:
             image, target = mosaic4(images, targets, size, center)
             pipeline = self._after_mosaic
         else:
-            image, target, _ = dataset.load(index)
+            image, target, _ = dataset.load(index, size)
             image, boxes, _, _ = letterbox(image, target.boxes_xyxy, size)
             target = Target(boxes, target.classes)
             pipeline = self._single

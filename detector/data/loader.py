@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -28,7 +29,7 @@ class Batch:
     """A collated batch.
 
     Attributes:
-        images: uint8 (B, 3, S, S) RGB.
+        images: uint8 (B, 3, S, S) RGB, channels_last in memory (engine.prepare_images sets the format).
         targets: float32 (N, 6) rows [batch_index, class, x1, y1, x2, y2] in input pixels.
         image_ids: int64 (B,) COCO image ids.
         scales: float32 (B,) letterbox scale (input = original * scale + pad); 1 for training samples.
@@ -113,9 +114,9 @@ class DetectionDataset(Dataset):
             image, target = self.transform(self.dataset, index, rng)
             return Sample(image, target, self.dataset.image_ids[index], 1.0, (0.0, 0.0),
                           self.dataset.orig_size(index))
-        image, target, image_id = self.dataset.load(index)
+        image, target, image_id = self.dataset.load(index, self.image_size)
         orig_height, orig_width = self.dataset.orig_size(index)
-        # A cached image may be smaller than the file: the batch maps from the file's pixels.
+        # A cached or reduced-scale decode may be smaller than the file: the batch maps from the file's pixels.
         cache_ratio = max(image.shape[:2]) / max(orig_height, orig_width)
         image, boxes, scale, pad = letterbox(image, target.boxes_xyxy, self.image_size)
         return Sample(image, Target(boxes, target.classes), image_id, scale * cache_ratio, pad,
@@ -124,7 +125,8 @@ class DetectionDataset(Dataset):
 
 def collate(samples: list[Sample]) -> Batch:
     """Stacks samples into a Batch (see Batch for shapes); targets of all images in one (N, 6) tensor."""
-    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
+    # (B, S, S, 3) memory seen as (B, 3, S, S): channels_last strides, which is what training wants; no copy.
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2)
     rows = [np.concatenate([np.full((len(s.target), 1), i, np.float32),
                             s.target.classes.reshape(-1, 1).astype(np.float32),
                             s.target.boxes_xyxy.reshape(-1, 4).astype(np.float32)], axis=1)
@@ -208,6 +210,11 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         # The cores are shared by torch's threads and the workers: on 2 cores, 2 threads with 1 worker
         # trained 19.9 images/s, with 0 workers 19.4 and with 2 workers 17.5 (benchmarks/loop_speed.py).
         workers = min(max(cpu_share() - 1, 0), 8)
+    if workers:
+        # Workers inherit this at fork (it cannot be set safely inside one): OpenCV's own thread pool in a
+        # worker fought torch's threads for the cores; single-threaded OpenCV in one worker trained coco128
+        # at 320 about 7% faster on 2 cores (benchmarks/peer_compare.py, docs/performance.md). Process-wide.
+        cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,

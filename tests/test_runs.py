@@ -1,0 +1,40 @@
+"""Process settings of a run: freed host memory is kept by malloc for reuse instead of going back to the OS."""
+
+import subprocess
+import sys
+
+import pytest
+
+HELD_AFTER_FREE = """
+import ctypes, sys, torch
+from detector.runs import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB written then freed, like one activation of a training step
+mapped = libc.mallinfo2().hblkhd
+del block
+print(kept, mapped, libc.mallinfo2().fordblks)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_freed_activations_stay_with_malloc_for_the_next_step():
+    def run(mode: str) -> tuple[str, int, int]:
+        out = subprocess.run([sys.executable, "-c", HELD_AFTER_FREE, mode], capture_output=True, text=True,
+                             check=True)
+        kept, mapped, free_held = out.stdout.split()
+        return kept, int(mapped), int(free_held)
+
+    block = 64 * 2**20
+    kept, mapped, free_held = run("default")
+    # By default the block is its own mmap, unmapped on free: its pages fault in again at the next step.
+    assert kept == "False" and mapped >= block and free_held < block
+    kept, mapped, free_held = run("keep")
+    # Kept: the block comes from malloc's heap and stays there, free for the next allocation.
+    assert kept == "True" and mapped < block and free_held >= block
