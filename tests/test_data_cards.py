@@ -206,18 +206,23 @@ def test_offline_download_failure_says_where_to_put_the_files(tmp_path):
         load_data_card(card, tmp_path / "datasets")
 
 
+# A host under the reserved .invalid domain (RFC 2606) never resolves: URL checks need a remote-looking host,
+# and nothing in these tests can reach the internet even if a check let one through.
+REMOTE = "downloads.invalid"
+
+
 def test_plain_http_to_other_hosts_is_refused():
-    for url in ("http://example.com/coco8.zip", "ftp://example.com/coco8.zip", "data:,hello"):
+    for url in (f"http://{REMOTE}/coco8.zip", f"ftp://{REMOTE}/coco8.zip", "data:,hello"):
         with pytest.raises(DataError, match="https"):
             check_url(url)
-    check_url("https://example.com/coco8.zip")
+    check_url(f"https://{REMOTE}/coco8.zip")
     check_url("http://localhost:8000/coco8.zip")
 
 
 def test_a_redirect_to_plain_http_is_refused(tmp_path):
     (tmp_path / "ok.zip").write_bytes(b"zip")
-    with _local_server(tmp_path, {"/down.zip": "http://example.com/x.zip", "/moved.zip": "/ok.zip"}) as url:
-        with pytest.raises(DataError, match="refusing to download http://example.com/x.zip"):
+    with _local_server(tmp_path, {"/down.zip": f"http://{REMOTE}/x.zip", "/moved.zip": "/ok.zip"}) as url:
+        with pytest.raises(DataError, match=f"refusing to download http://{REMOTE}/x.zip"):
             download(f"{url}/down.zip", tmp_path / "out" / "x.zip")
         assert not list((tmp_path / "out").iterdir())
         assert download(f"{url}/moved.zip", tmp_path / "out" / "y.zip").read_bytes() == b"zip"  # to http://127.0.0.1
