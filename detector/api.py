@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,7 +186,7 @@ class Model:
     def _fused_model(self, device: torch.device) -> Detector:
         """The trained weights with each BatchNorm folded into its convolution (made once, then moved)."""
         if self._fused is None:
-            self._fused = copy.deepcopy(self.detector).eval().fuse()
+            self._fused = self.detector.fused_copy()
         return self._fused.to(device)
 
     def _onnx_forward(self, device: torch.device) -> OnnxForward:

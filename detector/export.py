@@ -11,7 +11,6 @@ onnx and onnxruntime are an optional extra: pip install 'detector[export]'.
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from pathlib import Path
@@ -63,7 +62,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: int, names: l
         DetectorError: onnx is not installed, or the exported graph fails onnx's checker.
     """
     onnx = _require("onnx")
-    fused = DecodedDetector(copy.deepcopy(model).cpu().eval().fuse())
+    fused = DecodedDetector(model.fused_copy().cpu())
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: a traced batch of 1 could be folded in
     dynamic = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)}
     path = Path(path)

@@ -10,6 +10,7 @@ The loss lives in detector/loss.py and the decoding / NMS in detector/postproces
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,11 @@ class Detector(nn.Module):
                 module.conv = nn.utils.fusion.fuse_conv_bn_eval(module.conv, module.bn)
                 module.bn = nn.Identity()
         return self
+
+    def fused_copy(self, channels_last: bool = False) -> Detector:
+        """An eval-mode copy with BatchNorm folded into the convolutions (fuse), optionally NHWC; self is untouched."""
+        fused = copy.deepcopy(self).eval().fuse()
+        return fused.to(memory_format=torch.channels_last) if channels_last else fused
 
 
 def load_scale(spec: str | Path) -> dict[str, Any]:

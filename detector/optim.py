@@ -40,7 +40,8 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float,
         {"params": biases, "weight_decay": 0.0, "kind": "bias"},
     ]
     # fused: one kernel per tensor for the whole update, on CPU as on CUDA. At the default nbs the step
-    # runs after every batch, and the unfused AdamW took 1.6x as long on CPU (~180 small tensors).
+    # runs after every batch; on the nano model's ~180 tensors (2 CPU threads) AdamW's step took 12.7 ms
+    # unfused (its foreach default) and 3.2-4.3 ms fused.
     if name == "SGD":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=True)
     if name == "AdamW":

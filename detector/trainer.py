@@ -274,7 +274,7 @@ class Trainer:
         return epochs
 
     def evaluate(self, loader) -> DetectionMetrics:
-        model = self.ctx.ema.module if self.ctx.ema is not None else self.model
+        model = (self.ctx.ema.module if self.ctx.ema is not None else self.model).fused_copy(self.ctx.channels_last)
         detections, image_ids = predict_loader(
             model, loader, device=self.device, category_ids=self.val_data.category_ids, conf=self.config.conf,
             iou=self.config.iou, max_det=self.config.max_det, amp_dtype=self.ctx.amp_dtype,

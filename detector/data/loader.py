@@ -213,7 +213,7 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
     if workers:
         # Workers inherit this at fork (it cannot be set safely inside one): OpenCV's own thread pool in a
         # worker fought torch's threads for the cores; single-threaded OpenCV in one worker trained coco128
-        # at 320 about 7% faster on 2 cores (benchmarks/peer_compare.py, docs/performance.md). Process-wide.
+        # at 320 about 7% faster on 2 cores (medians of noisy runs, docs/performance.md). Process-wide.
         cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
