@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from detector.atomic import atomic_write_text
 from detector.autobatch import TIMED_RUNS, measure
 from detector.autobatch_records import GIB, Sample, fit_memory
 from detector.autobatch_step import make_probe_step
-from detector.checkpoint import atomic_write_text
 from detector.config import check_keys
 from detector.errors import ConfigError
 from detector.memory import probe_for

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from detector.atomic import atomic_write_bytes
-from detector.atomic import atomic_write_text as atomic_write_text  # re-exported for callers of this module
 from detector.errors import DetectorError
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.checkpoint import atomic_write_bytes
+from detector.atomic import atomic_write_bytes
 from detector.errors import DetectorError
 from detector.postprocess import decode
 

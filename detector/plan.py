@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from detector.atomic import atomic_write_text
 from detector.autobatch import Decision, choose_batch
 from detector.autobatch_step import make_inference_step, make_probe_step
-from detector.checkpoint import atomic_write_text
 from detector.config import Config
 from detector.data.augment import round_image_size
 from detector.memory import probe_for

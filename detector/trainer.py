@@ -23,8 +23,8 @@ import torch
 import yaml
 
 from detector import distributed
+from detector.atomic import atomic_write_text
 from detector.checkpoint import (
-    atomic_write_text,
     load_checkpoint,
     pending_gradients,
     restore_gradients,

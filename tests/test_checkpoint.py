@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from detector import Model
-from detector.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from detector.atomic import atomic_write_text
+from detector.checkpoint import load_checkpoint, save_checkpoint
 from detector.errors import DetectorError
 from detector.trainer import train
 
