@@ -23,8 +23,10 @@ both (default 0: mosaic in every epoch, as in most of a long run). Printed per c
     img/s          the train loop in steady state, data loading included: images over the time from each
                    batch's end to the next one's (from the epoch start for an epoch's first batch),
                    every batch of every epoch but the run's first (warm-up); validation is excluded
-    pure           our training step alone (engine.train_step) on batches already in memory, after training
-    loop/pure      our train loop as a fraction of our pure step rate
+    pure           our training step alone (engine.train_step) on a batch already in memory, measured after
+                   training, paired with the loop batch by batch (see paired_rates)
+    loop/pure      our train loop as a fraction of our pure step rate, both over the same 12 paired batches
+                   (the img/s column's loop ran minutes earlier, when the machine may have been faster or slower)
     RSS, PSS       peak resident memory of the training process, and peak of the summed proportional
                    memory of it and its loader workers (sampled every 0.25 s)
     mAP50-95       COCOeval (pycocotools, as our validation) of each final model on the validation JSON;
@@ -120,12 +122,11 @@ def install_font(work: Path, font: str | None) -> Path:
 # --- the runs, each in its own process ------------------------------------------------------------------
 
 def child_ours(spec: dict) -> dict:
-    """Trains with this package (defaults), timing every batch; then the pure step rate on stored batches."""
+    """Trains with this package (defaults), timing every batch; then our loop and pure step paired."""
     import torch
 
     from detector import engine
     from detector import trainer as trainer_module
-    from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
 
     batches, epoch_starts = [], []
     train_step, train_one_epoch = engine.train_step, trainer_module.train_one_epoch
@@ -147,24 +148,49 @@ def child_ours(spec: dict) -> dict:
                                   "exist_ok": True, **spec["ours_overrides"]})
     metrics = run.fit()
     engine.train_step = train_step
-    workers = run.loader(True).num_workers
-    # Batches of the last epoch's kind, loaded in this process: no loader worker runs while the steps are timed.
-    config = run.config
-    loader = build_dataloader(run.train_data, train=True, image_size=run.plan.image_size, batch_size=run.plan.batch,
-                              workers=0, seed=config.seed, mosaic=spec["epochs"] - 1 < spec["epochs"] -
-                              spec["close_mosaic"], augment={k: getattr(config, k) for k in AUGMENT_KEYS})
-    set_epoch(loader, 0)
-    stored = [batch for _, batch in zip(range(4), loader, strict=False)]
-    train_step(run.ctx, stored[0].images, stored[0].targets)  # warm-up after the validation pass
-    images, start = 0, time.perf_counter()
-    for index in range(12):
-        batch = stored[index % len(stored)]
-        train_step(run.ctx, batch.images, batch.targets)
-        images += len(batch)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)  # the steps are queued: wait for the last one
+    loop, pure = paired_rates(run, mosaic=spec["close_mosaic"] == 0, first_epoch=spec["epochs"])
     return {"batches": batches, "epoch_starts": epoch_starts, "threads": torch.get_num_threads(),
-            "workers": workers, "pure": images / (time.perf_counter() - start), "map50_95": metrics["metrics/mAP50-95"]}
+            "workers": run.loader(True).num_workers, "pure": pure, "loop_over_pure": loop / pure,
+            "map50_95": metrics["metrics/mAP50-95"]}
+
+
+def paired_rates(run, *, mosaic: bool, first_epoch: int, batches: int = 12) -> tuple[float, float]:
+    """Our train loop and our pure step side by side: images/s of each over the same `batches` batches.
+
+    After training, the run's own loader (its workers) goes on for more epochs. Each batch it gives is
+    trained on (the loop: from the previous step's end, waiting for the batch included) and then trained
+    on once more (the pure step: the batch is in memory, and the worker has already refilled its queue).
+    Pairing them batch by batch cancels this machine's drift in speed, which separate measurements did not.
+    The first batch (the workers starting) is left out.
+    """
+    import torch
+
+    from detector.data.loader import set_epoch
+    from detector.engine import train_step
+
+    def now() -> float:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)  # the steps are queued: time them when they are done
+        return time.perf_counter()
+
+    loader = run.loader(True, mosaic=mosaic)
+    loop = pure = 0.0
+    images = seen = 0
+    epoch, end = first_epoch, now()
+    while seen <= batches:
+        set_epoch(loader, epoch)
+        epoch += 1
+        for batch in loader:
+            train_step(run.ctx, batch.images, batch.targets)
+            middle = now()
+            train_step(run.ctx, batch.images, batch.targets)
+            start, end = end, now()
+            if seen:
+                loop, pure, images = loop + middle - start, pure + end - middle, images + len(batch)
+            seen += 1
+            if seen > batches:
+                break
+    return images / loop, images / pure
 
 
 def child_peer(spec: dict) -> dict:
@@ -307,7 +333,7 @@ def summarize(config: dict, runs: dict[str, list[dict]]) -> dict:
         row[f"{variant}_threads"] = runs[variant][0].get("threads")
         row[f"{variant}_workers"] = runs[variant][0].get("workers")
     row["ours_pure"] = median("ours", "pure")
-    row["loop_over_pure"] = row["ours_rate"] / row["ours_pure"]
+    row["loop_over_pure"] = median("ours", "loop_over_pure")
     row["peer_own_map"] = median("peer", "peer_map50_95")
     row["ours_over_peer"] = row["ours_rate"] / row["peer_rate"]
     row["ours_over_peer_2t"] = row["ours_rate"] / row["peer-2t_rate"]
@@ -380,7 +406,8 @@ def main() -> None:
                 runs[config["name"]][variant].append(result)
                 print(f"{spec['run']}: {result['rate']:.2f} img/s, peak RSS {result['peak_rss_mib']:.0f} MiB "
                       f"(PSS with workers {result['peak_pss_mib']:.0f}), "
-                      f"mAP50-95 {result['map']:.3f}" + (f", pure step {result['pure']:.2f} img/s"
+                      f"mAP50-95 {result['map']:.3f}" + (f", pure step {result['pure']:.2f} img/s, loop/pure "
+                                                         f"{result['loop_over_pure']:.3f} (paired)"
                                                          if variant == "ours" else ""), flush=True)
                 (work / "results.json").write_text(json.dumps({"runs": runs}, indent=1))  # kept if stopped early
     if set(args.variants) == set(VARIANTS):

@@ -237,6 +237,35 @@ def test_one_warp_mosaic_crop_equals_affine_then_centre_crop():
     assert kept > 20  # the comparison saw boxes, not only empty crops
 
 
+@pytest.mark.parametrize("mosaic", [1.0, 0.0])
+def test_boxes_filtered_once_at_the_end_equal_boxes_filtered_after_every_transform(tmp_path, mosaic):
+    """Training filters boxes only after its last transform: the same boxes as filtering after each one."""
+    import copy
+
+    import albumentations as A
+
+    dataset = _colour_dataset(tmp_path, count=4)
+    transform = TrainTransform(64, mosaic=mosaic, degrees=10, shear=5, translate=0.4)
+    pipeline = transform._after_mosaic if mosaic else transform._single
+    params = copy.copy(pipeline.processors["bboxes"].params)
+    assert not params.check_each_transform
+    params.check_each_transform = True
+    each_step = A.Compose(pipeline.transforms, bbox_params=params)
+    dropped = kept = 0
+    for seed in range(40):
+        pipeline.set_random_seed(seed)
+        once = transform(dataset, seed % 4, np.random.default_rng(seed))
+        transform_each = copy.copy(transform)
+        transform_each._after_mosaic = transform_each._single = each_step
+        every = transform_each(dataset, seed % 4, np.random.default_rng(seed))
+        np.testing.assert_array_equal(once[0], every[0])
+        np.testing.assert_array_equal(once[1].classes, every[1].classes)
+        np.testing.assert_allclose(once[1].boxes_xyxy, every[1].boxes_xyxy, atol=1e-4)
+        kept += len(once[1].classes)
+        dropped += 3 * (4 if mosaic else 1) - len(once[1].classes)
+    assert kept > 40 and dropped > 0  # boxes were kept, and the filter removed some
+
+
 def test_loader_workers_get_single_threaded_opencv(tmp_path):
     """OpenCV threads in a loader worker compete with torch's threads: with workers, OpenCV runs on one thread."""
     dataset = _colour_dataset(tmp_path, count=2)
