@@ -1,13 +1,15 @@
-"""Images per second of the real training loop (loading, augmentation, step) for thread/worker choices.
+"""Our training loop against our pure training step, for thread / worker / cache choices, paired batch by batch.
 
-    python benchmarks/loop_speed.py --data /tmp/shapes-ref/shapes.yaml --imgsz 256 [--pairs 2,0 2,1 2,2 1,1]
-        [--batches 12] [--repeats 3]
+    python benchmarks/loop_speed.py [--data coco128.yaml] [--imgsz 320]
+        [--variants workers=1 workers=0 "workers=1 cache=false" ...] [--batches 12] [--repeats 3]
 
-Torch's intra-op threads and the loader's worker processes share the machine's cores. For each
-(threads, workers) pair this trains the nano model for `--batches` batches of 16 (after 3 warm-up
-batches, the workers already running) and prints the median images/s over `--repeats` runs, each in a
-fresh process so that thread pools do not carry over. Mosaic and the other augmentations are on, as
-in training.
+Torch's intra-op threads and the loader's worker processes share the machine's cores, so loading costs
+the training step time even when it runs in a worker. A variant is training settings (KEY=VALUE, as on
+the command line, space-separated) on top of the defaults; each run is a fresh process that builds the
+nano model at batch 16 as training does and measures paired_rates: every batch the loader gives is
+trained on (the loop, waiting for the batch included) and then trained on again (the pure step). Runs
+are interleaved across variants (A, B, A, B, ...), so a slow spell of the machine hits each; the table
+gives medians over `--repeats` runs.
 """
 
 from __future__ import annotations
@@ -17,72 +19,93 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
-def measure(data: str, image_size: int, threads: int, workers: int, batches: int) -> float:
-    """One run in this process: images/s over `batches` batches after 3 warm-up ones."""
+def paired_rates(run, *, mosaic: bool, first_epoch: int, batches: int = 12) -> tuple[float, float]:
+    """Our train loop and our pure step side by side: images/s of each over the same `batches` batches.
+
+    The run's own loader (its workers) goes through epochs from `first_epoch` on. Each batch it gives is
+    trained on (the loop: from the previous step's end, waiting for the batch included) and then trained
+    on once more (the pure step: the batch is in memory, and the worker has already refilled its queue).
+    Pairing them batch by batch cancels this machine's drift in speed, which separate measurements did not.
+    The first batch (the workers starting, the kernels warming up) is left out.
+    """
     import torch
 
-    from detector.data.cards import load_data_card
-    from detector.data.coco import CocoDataset
-    from detector.data.loader import build_dataloader, set_epoch
-    from detector.engine import StepContext, train_step
-    from detector.loss import DetectionLoss
-    from detector.model import build_model
-    from detector.optim import ModelEMA, Schedule, build_optimizer
+    from detector.data.loader import set_epoch
+    from detector.engine import train_step
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    card = load_data_card(data)
-    dataset = CocoDataset(card.train_images, card.train_json)
-    loader = build_dataloader(dataset, train=True, image_size=image_size, batch_size=16, workers=workers)
-    set_epoch(loader, 0)
-    model = build_model("n", len(dataset.names))
-    schedule = Schedule(lr0=0.002, lrf=0.01, epochs=1, iters_per_epoch=len(loader), warmup_iters=0,
-                        warmup_bias_lr=0.0, warmup_momentum=0.8, momentum=0.937, accumulate=1)
-    ctx = StepContext(model=model, criterion=DetectionLoss(num_classes=len(dataset.names), strides=model.strides,
-                                                           reg_max=model.reg_max),
-                      optimizer=build_optimizer(model, name="AdamW", lr=0.002, momentum=0.937, weight_decay=5e-4),
-                      schedule=schedule, scaler=torch.amp.GradScaler("cpu", enabled=False), ema=ModelEMA(model),
-                      device=torch.device("cpu"))
-    images, start = 0, None
-    for index, batch in enumerate(loader):
-        if index == 3:
-            start = time.perf_counter()
-        train_step(ctx, batch.images, batch.targets)
-        if start is not None:
-            images += len(batch)
-        if index == 3 + batches - 1:
-            break
-    return images / (time.perf_counter() - start)
+    def now() -> float:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)  # the steps are queued: time them when they are done
+        return time.perf_counter()
+
+    loader = run.loader(True, mosaic=mosaic)
+    loop = pure = 0.0
+    images = seen = 0
+    epoch, end = first_epoch, now()
+    while seen <= batches:
+        set_epoch(loader, epoch)
+        epoch += 1
+        for batch in loader:
+            train_step(run.ctx, batch.images, batch.targets)
+            middle = now()
+            train_step(run.ctx, batch.images, batch.targets)
+            start, end = end, now()
+            if seen:
+                loop, pure, images = loop + middle - start, pure + end - middle, images + len(batch)
+            seen += 1
+            if seen > batches:
+                break
+    return images / loop, images / pure
+
+
+def measure(data: str, image_size: int, variant: str, batches: int) -> dict:
+    """One run in this process: the loop and pure rates of `variant`'s settings, and its threads/workers."""
+    import torch
+
+    from detector.trainer import Trainer
+
+    overrides = dict(item.split("=", 1) for item in variant.split())
+    with tempfile.TemporaryDirectory() as project:
+        run = Trainer({"data": data, "model": "n", "imgsz": image_size, "batch": 16, "epochs": 1, "val": False,
+                       "plots": False, "project": project, "name": "loop", **overrides}, progress=False)
+        loop, pure = paired_rates(run, mosaic=True, first_epoch=0, batches=batches)
+        workers = run.loader(True).num_workers
+    return {"loop": loop, "pure": pure, "threads": torch.get_num_threads(), "workers": workers}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--imgsz", type=int, default=256)
-    parser.add_argument("--pairs", nargs="+", default=["2,0", "2,1", "2,2", "1,1"], help="threads,workers")
+    parser.add_argument("--data", default="coco128.yaml")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--variants", nargs="+", default=["workers=1", "workers=0", "workers=2"],
+                        help='training settings of each variant, e.g. "workers=1 cache=false"')
     parser.add_argument("--batches", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: a single run in a child process
     args = parser.parse_args()
-    if args.one:
-        threads, workers = (int(v) for v in args.one.split(","))
-        print(json.dumps(measure(args.data, args.imgsz, threads, workers, args.batches)))
+    if args.one is not None:
+        print(json.dumps(measure(args.data, args.imgsz, args.one, args.batches)))
         return
-    print(f"training loop images/s, nano, batch 16, imgsz {args.imgsz}, {args.data}; median of {args.repeats}")
-    print(f"{'threads':>7} {'workers':>7} {'img/s':>7}   runs")
-    for pair in args.pairs:
-        rates = []
-        for _ in range(args.repeats):
+    results: dict[str, list[dict]] = {variant: [] for variant in args.variants}
+    for _ in range(args.repeats):
+        for variant in args.variants:
             out = subprocess.run([sys.executable, __file__, "--data", args.data, "--imgsz", str(args.imgsz),
-                                  "--batches", str(args.batches), "--one", pair], capture_output=True, text=True,
+                                  "--batches", str(args.batches), "--one", variant], capture_output=True, text=True,
                                  check=True)
-            rates.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        threads, workers = pair.split(",")
-        print(f"{threads:>7} {workers:>7} {statistics.median(rates):>7.1f}   "
-              + " ".join(f"{r:.1f}" for r in rates), flush=True)
+            results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"nano, batch 16, imgsz {args.imgsz}, {args.data}; {args.batches} paired batches per run, "
+          f"medians of {args.repeats} runs")
+    print("| settings | threads / workers | loop img/s | pure img/s | loop/pure | loop/pure per run |")
+    print("|---|---|---:|---:|---:|---|")
+    for variant, runs in results.items():
+        ratios = [r["loop"] / r["pure"] for r in runs]
+        print(f"| {variant or 'defaults'} | {runs[0]['threads']} / {runs[0]['workers']} "
+              f"| {statistics.median(r['loop'] for r in runs):.2f} | {statistics.median(r['pure'] for r in runs):.2f} "
+              f"| {statistics.median(ratios):.3f} | {' '.join(f'{r:.3f}' for r in ratios)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ def install_font(work: Path, font: str | None) -> Path:
 def child_ours(spec: dict) -> dict:
     """Trains with this package (defaults), timing every batch; then our loop and pure step paired."""
     import torch
+    from loop_speed import paired_rates  # benchmarks/ is this script's folder, first on sys.path
 
     from detector import engine
     from detector import trainer as trainer_module
@@ -152,45 +153,6 @@ def child_ours(spec: dict) -> dict:
     return {"batches": batches, "epoch_starts": epoch_starts, "threads": torch.get_num_threads(),
             "workers": run.loader(True).num_workers, "pure": pure, "loop_over_pure": loop / pure,
             "map50_95": metrics["metrics/mAP50-95"]}
-
-
-def paired_rates(run, *, mosaic: bool, first_epoch: int, batches: int = 12) -> tuple[float, float]:
-    """Our train loop and our pure step side by side: images/s of each over the same `batches` batches.
-
-    After training, the run's own loader (its workers) goes on for more epochs. Each batch it gives is
-    trained on (the loop: from the previous step's end, waiting for the batch included) and then trained
-    on once more (the pure step: the batch is in memory, and the worker has already refilled its queue).
-    Pairing them batch by batch cancels this machine's drift in speed, which separate measurements did not.
-    The first batch (the workers starting) is left out.
-    """
-    import torch
-
-    from detector.data.loader import set_epoch
-    from detector.engine import train_step
-
-    def now() -> float:
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)  # the steps are queued: time them when they are done
-        return time.perf_counter()
-
-    loader = run.loader(True, mosaic=mosaic)
-    loop = pure = 0.0
-    images = seen = 0
-    epoch, end = first_epoch, now()
-    while seen <= batches:
-        set_epoch(loader, epoch)
-        epoch += 1
-        for batch in loader:
-            train_step(run.ctx, batch.images, batch.targets)
-            middle = now()
-            train_step(run.ctx, batch.images, batch.targets)
-            start, end = end, now()
-            if seen:
-                loop, pure, images = loop + middle - start, pure + end - middle, images + len(batch)
-            seen += 1
-            if seen > batches:
-                break
-    return images / loop, images / pure
 
 
 def child_peer(spec: dict) -> dict:

@@ -90,11 +90,32 @@ def keep_freed_memory() -> bool:
     process keeps its peak memory until it exits.
     Returns False where there is no glibc (macOS, Windows, musl), which changes nothing.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters of <malloc.h>
+    return libc is not None and bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Hand the free memory that malloc keeps (keep_freed_memory) back to the OS, before forking workers.
+
+    A forked loader worker shares the parent's pages copy-on-write; every page the parent then writes
+    again (each training step rewrites its activations) is copied for the parent, and the worker is left
+    holding the old one. A validation loader's worker forked after the first epoch so held a private copy
+    of the whole kept heap: 998 MiB at imgsz 320 (80 MiB after releasing the free memory first).
+    Returns False where there is no glibc, which changes nothing.
+    """
+    libc = _glibc()
+    if libc is None:
         return False
+    libc.malloc_trim(0)  # returns whether pages were released: both are fine here
+    return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters of <malloc.h>
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None

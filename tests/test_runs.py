@@ -38,3 +38,33 @@ def test_freed_activations_stay_with_malloc_for_the_next_step():
     kept, mapped, free_held = run("keep")
     # Kept: the block comes from malloc's heap and stays there, free for the next allocation.
     assert kept == "True" and mapped < block and free_held >= block
+
+
+WORKER_AFTER_FREE = """
+import sys, psutil, torch
+from torch.utils.data import DataLoader
+from detector.data.loader import WorkerLoader
+from detector.runs import keep_freed_memory
+
+keep_freed_memory()
+block = torch.ones(64 * 2**20)  # 256 MiB of activations, freed: malloc keeps them
+del block
+loader = (WorkerLoader if sys.argv[1] == "release" else DataLoader)(range(4), num_workers=1, persistent_workers=True)
+batches = iter(loader)
+next(batches)  # the worker is forked
+blocks = [torch.ones(12 * 2**20) for _ in range(4)]  # the next step's activations: 192 MiB of the kept memory
+print(psutil.Process().children()[0].memory_full_info().uss)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_a_worker_forked_late_holds_no_copy_of_the_memory_malloc_kept():
+    def worker_private_mib(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", WORKER_AFTER_FREE, mode], capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.split()[-1]) / 2**20
+
+    pinned, released = worker_private_mib("plain"), worker_private_mib("release")
+    # A plain DataLoader's worker keeps the old copy of every kept page the parent wrote again.
+    assert pinned > 150
+    assert released < pinned - 120
