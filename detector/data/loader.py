@@ -222,8 +222,9 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         sampler = ResumableSampler(DistributedSampler(wrapped, num_replicas=world_size, rank=rank, shuffle=True,
                                                       seed=seed))
     if workers < 0:
-        # The cores are shared by torch's threads and the workers: on 2 cores, 2 threads with 1 worker
-        # trained 19.9 images/s, with 0 workers 19.4 and with 2 workers 17.5 (benchmarks/loop_speed.py).
+        # The cores are shared by torch's threads and the workers: on 2 cores (2 threads, coco128 at 320),
+        # the loop ran at 0.956 of the pure step with 1 worker, 0.928 with 0 (medians of 3 runs,
+        # benchmarks/loop_speed.py).
         workers = min(max(cpu_share() - 1, 0), 8)
     if workers:
         # Workers inherit this at fork (it cannot be set safely inside one): OpenCV's own thread pool in a
