@@ -1,6 +1,8 @@
-"""Shared fixtures: where the real test datasets live, and a tiny CPU budget."""
+"""Shared fixtures: where the real test datasets live, a tiny CPU budget, and no network beyond this machine."""
 
+import ipaddress
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,34 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_threads():
     torch.set_num_threads(2)
+
+
+def _is_this_machine(host) -> bool:
+    if host in (None, "", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _no_internet(monkeypatch):
+    """Nothing a test does can resolve or connect to a host other than this machine (local servers still work)."""
+    resolve, connect = socket.getaddrinfo, socket.socket.connect
+
+    def local_resolve(host, *args, **kwargs):
+        if not _is_this_machine(host.decode() if isinstance(host, bytes) else host):
+            raise OSError(f"tests may not reach the network: {host}")
+        return resolve(host, *args, **kwargs)
+
+    def local_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_this_machine(address[0]):
+            raise OSError(f"tests may not reach the network: {address[0]}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_resolve)
+    monkeypatch.setattr(socket.socket, "connect", local_connect)
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,13 @@ import hashlib
 import http.server
 import json
 import shutil
+import socket
 import stat
 import threading
+import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlunsplit
 
 import cv2
 import numpy as np
@@ -206,23 +209,32 @@ def test_offline_download_failure_says_where_to_put_the_files(tmp_path):
         load_data_card(card, tmp_path / "datasets")
 
 
-# A host under the reserved .invalid domain (RFC 2606) never resolves: URL checks need a remote-looking host,
-# and nothing in these tests can reach the internet even if a check let one through.
-REMOTE = "downloads.invalid"
+def _remote(scheme: str, path: str = "/coco8.zip") -> str:
+    """A URL on a host off this machine. The host is under the reserved .invalid domain (RFC 2606), which never
+    resolves, and conftest's _no_internet refuses any host off this machine anyway."""
+    return urlunsplit((scheme, "downloads.invalid", path, "", ""))
+
+
+def test_tests_cannot_reach_the_network():
+    with pytest.raises(OSError, match="tests may not reach the network"):
+        urllib.request.urlopen(_remote("https"), timeout=1)
+    with pytest.raises(OSError, match="tests may not reach the network"):
+        socket.create_connection(("192.0.2.1", 443), timeout=1)  # by address, no name to resolve
 
 
 def test_plain_http_to_other_hosts_is_refused():
-    for url in (f"http://{REMOTE}/coco8.zip", f"ftp://{REMOTE}/coco8.zip", "data:,hello"):
+    for url in (_remote("http"), _remote("ftp"), "data:,hello"):
         with pytest.raises(DataError, match="https"):
             check_url(url)
-    check_url(f"https://{REMOTE}/coco8.zip")
+    check_url(_remote("https"))
     check_url("http://localhost:8000/coco8.zip")
 
 
 def test_a_redirect_to_plain_http_is_refused(tmp_path):
     (tmp_path / "ok.zip").write_bytes(b"zip")
-    with _local_server(tmp_path, {"/down.zip": f"http://{REMOTE}/x.zip", "/moved.zip": "/ok.zip"}) as url:
-        with pytest.raises(DataError, match=f"refusing to download http://{REMOTE}/x.zip"):
+    plain = _remote("http", "/x.zip")
+    with _local_server(tmp_path, {"/down.zip": plain, "/moved.zip": "/ok.zip"}) as url:
+        with pytest.raises(DataError, match=f"refusing to download {plain}"):
             download(f"{url}/down.zip", tmp_path / "out" / "x.zip")
         assert not list((tmp_path / "out").iterdir())
         assert download(f"{url}/moved.zip", tmp_path / "out" / "y.zip").read_bytes() == b"zip"  # to http://127.0.0.1
