@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from detector.data.augment import TrainTransform, letterbox
 from detector.data.coco import CocoDataset, Target
 from detector.distributed import cpu_share
-from detector.runs import release_freed_memory
 
 AUGMENT_KEYS = ("mosaic", "degrees", "translate", "scale", "shear", "fliplr", "hsv_h", "hsv_s", "hsv_v")
 
@@ -165,20 +164,6 @@ class ResumableSampler(Sampler[int]):
         return max(len(self.sampler) - self.skip, 0)
 
 
-class WorkerLoader(DataLoader):
-    """A DataLoader that hands malloc's kept free memory back to the OS before it forks its workers, so a
-    worker started late in a run (validation, the last epochs without mosaic) does not pin a copy of it
-    (runs.release_freed_memory). Persistent workers fork once, on the first iteration."""
-
-    forked = False
-
-    def __iter__(self):
-        if self.num_workers > 0 and not (self.persistent_workers and self.forked):
-            release_freed_memory()
-            self.forked = True
-        return super().__iter__()
-
-
 def _seed_worker(worker_id: int) -> None:
     """Seeds the libraries a transform might use from torch's per-worker seed (base seed + worker id)."""
     seed = torch.initial_seed() % 2**32
@@ -232,9 +217,9 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         # at 320 about 7% faster on 2 cores (medians of noisy runs, docs/performance.md). Process-wide.
         cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
-    return WorkerLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                        pin_memory=pin_memory, drop_last=drop_last, generator=generator,
-                        worker_init_fn=_seed_worker, persistent_workers=workers > 0)
+    return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
+                      persistent_workers=workers > 0)
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
