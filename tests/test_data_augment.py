@@ -114,6 +114,8 @@ def test_collate_shapes_and_dtypes():
     ]
     batch = collate(samples)
     assert batch.images.shape == (3, 3, 64, 64) and batch.images.dtype == torch.uint8
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.images[0].sum() == 0 and bool((batch.images[1:] == 1).all())
     assert batch.targets.shape == (3, 6) and batch.targets.dtype == torch.float32
     assert batch.targets[:, 0].tolist() == [0, 2, 2] and batch.targets[:, 1].tolist() == [5, 1, 2]
     assert batch.targets[0, 2:].tolist() == [1, 2, 3, 4]
@@ -124,6 +126,18 @@ def test_collate_shapes_and_dtypes():
     assert isinstance(moved, Batch) and len(moved) == 3 and moved.images.dtype == torch.uint8
     empty = collate(samples[1:2])
     assert empty.targets.shape == (0, 6)
+
+
+def test_collate_in_a_worker_stacks_into_shared_memory(monkeypatch):
+    # A worker's batch reaches the main process through shared memory: stacked there directly, the pickler
+    # does not copy it again.
+    samples = [Sample(np.full((32, 32, 3), i, np.uint8), Target(np.zeros((0, 4), np.float32), np.zeros(0, np.int64)),
+                      i, 1.0, (0.0, 0.0), (32, 32)) for i in range(2)]
+    assert not collate(samples).images.is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    images = collate(samples).images
+    assert images.is_shared() and images.is_contiguous(memory_format=torch.channels_last)
+    assert images[1].unique().tolist() == [1]
 
 
 def test_val_loader_letterboxes_coco8(datasets_dir):
