@@ -127,8 +127,8 @@ def collate(samples: list[Sample]) -> Batch:
     """Stacks samples into a Batch (see Batch for shapes); targets of all images in one (N, 6) tensor."""
     # (B, S, S, 3) memory seen as (B, 3, S, S): channels_last strides, which is what training wants. In a
     # worker, default_collate stacks straight into shared memory: stacking first and letting the pickler copy
-    # the batch there cost the worker 16% more CPU per batch (coco128 at 320: 54.8 against 46.1 ms, medians
-    # of 3 runs), CPU that the training step on the same 2 cores loses.
+    # the batch there cost the worker 54.8 ms of CPU per batch against 46.1 (coco128 at 320, medians of 3
+    # runs), CPU that the training step on the same 2 cores loses.
     images = default_collate([torch.from_numpy(s.image) for s in samples]).permute(0, 3, 1, 2)
     rows = [np.concatenate([np.full((len(s.target), 1), i, np.float32),
                             s.target.classes.reshape(-1, 1).astype(np.float32),
