@@ -33,9 +33,13 @@ def make_anchors(sizes: list[tuple[int, int]], strides: tuple[int, ...], *, devi
 
 
 def expected_distance(logits: torch.Tensor) -> torch.Tensor:
-    """Expected bin of each side's distribution: (..., 4, R) logits -> (..., 4) in strides, in [0, R-1]."""
+    """Expected bin of each side's distribution: (..., 4, R) logits -> (..., 4) in strides, in [0, R-1].
+
+    In float32 under autocast too: a matmul there would run in bf16, whose 8-bit mantissa puts the
+    distances of the loss's boxes on steps of up to 1/16 of a stride.
+    """
     bins = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
-    return F.softmax(logits.float(), dim=-1) @ bins
+    return (F.softmax(logits.float(), dim=-1) * bins).sum(-1)
 
 
 def distance_to_xyxy(distances: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

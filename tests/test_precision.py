@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from detector.boxes import expected_distance
 from detector.config import make_config
 from detector.engine import train_step
 from detector.plan import amp_dtype_for, make_plan
@@ -45,3 +46,12 @@ def test_a_bf16_training_step_keeps_float32_weights_and_gradients(monkeypatch, t
     train_step(trainer.ctx, batch.images, batch.targets)
     assert outputs and set(outputs) == {torch.bfloat16}  # the convolutions ran in bf16
     assert grads == [(torch.float32, True)] and weight.dtype == torch.float32
+
+
+def test_the_expected_distance_of_the_loss_stays_float32_under_autocast():
+    logits = torch.randn(2, 100, 4, 16, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from_float32, from_bf16 = expected_distance(logits), expected_distance(logits.bfloat16())
+    # A bf16 matmul would round the distances to steps of up to 1/16 of a bin.
+    assert from_float32.dtype == torch.float32 and torch.equal(from_float32, expected_distance(logits))
+    assert torch.equal(from_bf16, expected_distance(logits.bfloat16().float()))
