@@ -52,23 +52,19 @@ def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of training and validation; None (full precision) where amp=false or none pays.
 
     CUDA: bf16 where the device supports it, else fp16. CPU: bf16 where the CPU computes in it natively
-    (AVX512-BF16 or AMX); a CPU without it would emulate bf16, slower than float32. On a 2-core AVX512-BF16
-    CPU, a training step of the nano model at batch 16 took 564 ms against 892 ms in float32 at imgsz 320,
-    and mAP on the shapes set stayed within the spread of seeds (docs/performance.md).
+    (x86 AVX512-BF16 or AMX); float32 on other CPUs, which would emulate bf16 or were not measured (ARM).
+    On a 2-core AVX512-BF16 CPU, a training step of the nano model at batch 16 and imgsz 320 took 512 ms
+    against 839 ms in float32, and mAP on the shapes set stayed within the spread of seeds
+    (docs/performance.md).
     """
     if not config.amp:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_computes_bf16():
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # a torch without it cannot tell: float32
+    if device.type == "cpu" and (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")):
         return torch.bfloat16
     return None
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (x86 AVX512-BF16 or AMX-BF16); False where torch cannot tell."""
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def make_plan(config: Config, device: torch.device, threads: int, train_size: int, batch: int,
