@@ -61,10 +61,10 @@ def amp_dtype_for(config: Config, device: torch.device) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type != "cpu":
+        return None
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # a torch without it cannot tell: float32
-    if device.type == "cpu" and (capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")):
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else None
 
 
 def make_plan(config: Config, device: torch.device, threads: int, train_size: int, batch: int,

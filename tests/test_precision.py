@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize(("capabilities", "amp", "expected"), [
     ({"avx512_bf16": True, "amx_bf16": False}, True, torch.bfloat16),
     ({"avx512_bf16": False, "amx_bf16": True}, True, torch.bfloat16),
-    ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, True, None),  # bf16 would be emulated: slower
+    ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, True, None),  # no bf16 arithmetic: float32
     ({"avx512_bf16": True}, False, None),
     ({"architecture": "arm64", "bf16": True}, True, None),  # not measured there: float32
 ])
