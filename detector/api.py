@@ -90,7 +90,7 @@ class Model:
         model = self._fused_model(device)
         batch = self._batch(config.batch, config.auto_batch_fraction, image_size, device, len(dataset), config.conf)
         loader = build_dataloader(dataset, train=False, image_size=image_size, batch_size=batch,
-                                  workers=config.workers, seed=config.seed)
+                                  workers=config.workers, seed=config.seed, device=device)
         detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
                                                conf=config.conf, iou=config.iou, max_det=config.max_det)
         names = dict(zip(dataset.category_ids, dataset.names, strict=True))

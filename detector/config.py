@@ -104,7 +104,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
               "-1 (AutoBatch at 60% memory), a fraction 0 < f < 1 (AutoBatch at that fraction) "
               "or a whole number >= 1"),
     "fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "workers": (lambda v: -1 <= v <= 64, "an integer from 0 to 64, or -1 for one per CPU core but one (at most 8)"),
+    "workers": (lambda v: -1 <= v <= 64,
+                "an integer from 0 to 64, or -1 for the CPU cores the device leaves free (at most 8)"),
     "threads": (lambda v: v >= 0, "an integer >= 0 (0 = one per physical core)"),
     "optimizer": (lambda v: v in ("auto", "SGD", "AdamW"), "one of auto, SGD, AdamW"),
     "lr0": (lambda v: 0 < v <= 1, "a number in (0, 1]"),

@@ -204,7 +204,7 @@ class Trainer:
         return build_dataloader(dataset, train=train, image_size=self.plan.image_size,
                                 batch_size=self.plan.batch // self.world if train else self.plan.val_batch,
                                 workers=config.workers, seed=config.seed,
-                                augment=augment, mosaic=mosaic, pin_memory=self.device.type == "cuda",
+                                augment=augment, mosaic=mosaic, device=self.device,
                                 fraction=config.fraction if train else 1.0, rank=distributed.rank(),
                                 world_size=self.world)
 

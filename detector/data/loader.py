@@ -7,6 +7,7 @@ an epoch are the same whatever the number of workers or the order they run in.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from detector.data.augment import TrainTransform, letterbox
 from detector.data.coco import CocoDataset, Target
 from detector.distributed import cpu_share
+
+logger = logging.getLogger(__name__)
 
 AUGMENT_KEYS = ("mosaic", "degrees", "translate", "scale", "shear", "fliplr", "hsv_h", "hsv_s", "hsv_v")
 
@@ -176,7 +179,7 @@ def _seed_worker(worker_id: int) -> None:
 
 def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batch_size: int, workers: int,
                      seed: int = 0, augment: dict | None = None, mosaic: bool = True,
-                     pin_memory: bool = False, drop_last: bool = False, fraction: float = 1.0,
+                     device: torch.device | str = "cpu", drop_last: bool = False, fraction: float = 1.0,
                      rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader of Batch objects.
 
@@ -185,12 +188,12 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         train: Shuffle and augment; else keep order and letterbox.
         image_size: Side S of the square inputs (a multiple of 32).
         batch_size: Images per batch.
-        workers: Worker processes (0: load in the calling process; -1: one per CPU core of this rank but
-            one, at most 8).
+        workers: Worker processes (0: load in the calling process; -1: the CPU cores of this rank that the
+            device's work leaves free, at most 8: all but one on CUDA, those torch's threads leave on the CPU).
         seed: Seed of the shuffle order and the augmentation.
         augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
         mosaic: False turns mosaic off (the last close_mosaic epochs).
-        pin_memory: Pin batches for faster host-to-GPU copies.
+        device: Where the batches are used: CUDA pins them (faster host-to-GPU copies); it also sets -1 workers.
         drop_last: Drop a last incomplete batch.
         fraction: Train on this fraction of the images (seeded choice).
         rank, world_size: Under DDP, training loads every world_size-th image of the epoch's order from
@@ -209,11 +212,18 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         # their k-th batches hold the images of a single process's k-th batch of world_size times the size.
         sampler = ResumableSampler(DistributedSampler(wrapped, num_replicas=world_size, rank=rank, shuffle=True,
                                                       seed=seed))
+    device = torch.device(device)
     if workers < 0:
-        # The cores are shared by torch's threads and the workers: on 2 cores (2 threads, coco128 at 320),
-        # the loop ran at 0.956 of the pure step with 1 worker, 0.928 with 0 (medians of 3 runs,
-        # benchmarks/loop_speed.py).
-        workers = min(max(cpu_share() - 1, 0), 8)
+        # On the CPU, torch's threads (one per physical core) already compute on the cores, and a worker only
+        # competes with them: each core it takes stalls the step's threads at their next join, and the batch
+        # costs shared-memory copies on top. On 2 cores (2 threads, bf16, coco128) the loop ran at 0.939 of
+        # the pure step loading in the main process against 0.910 with 1 worker at imgsz 320, and 0.963
+        # against 0.934 at 640 (medians, benchmarks/loop_speed.py). SMT siblings are left to workers.
+        busy = torch.get_num_threads() if device.type == "cpu" else 1
+        workers = min(max(cpu_share() - busy, 0), 8)
+        if train:
+            logger.info("workers=-1: %d loader processes (%d CPU cores, %d busy with %s)", workers, cpu_share(), busy,
+                        "torch's threads" if device.type == "cpu" else "the main process")
     if workers:
         # Workers inherit this at fork (it cannot be set safely inside one): OpenCV's own thread pool in a
         # worker fought torch's threads for the cores; single-threaded OpenCV in one worker trained coco128
@@ -221,8 +231,8 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
-                      persistent_workers=workers > 0)
+                      pin_memory=device.type == "cuda", drop_last=drop_last, generator=generator,
+                      worker_init_fn=_seed_worker, persistent_workers=workers > 0)
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
