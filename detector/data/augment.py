@@ -122,10 +122,9 @@ class CenterCroppedAffine(A.Affine):
                 "crop_offset": offset}
 
     def apply(self, img: np.ndarray, matrix: np.ndarray, output_shape: tuple[int, int], **params) -> np.ndarray:
-        """Warps a 3-channel image as 4 channels: OpenCV's bilinear warp of uint8 has a SIMD path for 4
-        channels and none for 3, so the same pixels come out 2.3x sooner (0.24 against 0.55 ms at 320)."""
-        if img.ndim != 3 or img.shape[2] != 3:
-            return super().apply(img, matrix, output_shape, **params)
+        """Warps the RGB image (read_image makes every image 3-channel) as RGBA: OpenCV's bilinear warp of
+        uint8 has a SIMD path for 4 channels and none for 3, so the same pixels come out 2.3x sooner (0.24
+        against 0.55 ms at 320)."""
         warped = super().apply(cv2.cvtColor(img, cv2.COLOR_RGB2RGBA), matrix, output_shape, **params)
         return cv2.cvtColor(warped, cv2.COLOR_RGBA2RGB)
 

@@ -219,10 +219,10 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         # costs shared-memory copies on top. On 2 cores (2 threads, bf16, coco128) the loop ran at 0.939 of
         # the pure step loading in the main process against 0.910 with 1 worker at imgsz 320, and 0.963
         # against 0.934 at 640 (medians, benchmarks/loop_speed.py). SMT siblings are left to workers.
-        busy = torch.get_num_threads() if device.type == "cpu" else 1
-        workers = min(max(cpu_share() - busy, 0), 8)
+        cores, busy = cpu_share(), torch.get_num_threads() if device.type == "cpu" else 1
+        workers = min(max(cores - busy, 0), 8)
         if train:
-            logger.info("workers=-1: %d loader processes (%d CPU cores, %d busy with %s)", workers, cpu_share(), busy,
+            logger.info("workers=-1: %d loader processes (%d CPU cores, %d busy with %s)", workers, cores, busy,
                         "torch's threads" if device.type == "cpu" else "the main process")
     if workers:
         # Workers inherit this at fork (it cannot be set safely inside one): OpenCV's own thread pool in a
