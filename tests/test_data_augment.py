@@ -302,16 +302,16 @@ def test_boxes_filtered_once_at_the_end_equal_boxes_filtered_after_every_transfo
     assert kept > 40 and dropped > 0  # boxes were kept, and the filter removed some
 
 
-def test_loader_workers_get_single_threaded_opencv(tmp_path):
-    """OpenCV threads in a loader worker compete with torch's threads: with workers, OpenCV runs on one thread."""
+def test_opencv_runs_single_threaded_where_loading_shares_cores_with_torch(tmp_path):
+    """OpenCV's thread pool competes with torch's threads: a worker, or the main process training on the CPU,
+    gets single-threaded OpenCV; the main process loading for a GPU keeps OpenCV's threads."""
     dataset = _colour_dataset(tmp_path, count=2)
     before = cv2.getNumThreads()
     try:
-        cv2.setNumThreads(2)
-        build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=0)
-        assert cv2.getNumThreads() == 2  # loading in this process keeps OpenCV's threads
-        build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=1)
-        assert cv2.getNumThreads() == 1
+        for workers, device, expected in ((0, "cuda", 2), (1, "cuda", 1), (0, "cpu", 1), (1, "cpu", 1)):
+            cv2.setNumThreads(2)
+            build_dataloader(dataset, train=True, image_size=64, batch_size=2, workers=workers, device=device)
+            assert cv2.getNumThreads() == expected, (workers, device)
     finally:
         cv2.setNumThreads(before)
 

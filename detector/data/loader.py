@@ -224,10 +224,11 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         if train:
             logger.info("workers=-1: %d loader processes (%d CPU cores, %d busy with %s)", workers, cores, busy,
                         "torch's threads" if device.type == "cpu" else "the main process")
-    if workers:
-        # Workers inherit this at fork (it cannot be set safely inside one): OpenCV's own thread pool in a
-        # worker fought torch's threads for the cores; single-threaded OpenCV in one worker trained coco128
-        # at 320 about 7% faster on 2 cores (medians of noisy runs, docs/performance.md). Process-wide.
+    if workers or device.type == "cpu":
+        # OpenCV's own thread pool fights torch's threads for the cores. Workers inherit this at fork (it
+        # cannot be set safely inside one): single-threaded OpenCV in one worker trained coco128 at 320 about
+        # 7% faster on 2 cores. Loading in the main process on the CPU, a batch at 320 took 30 against 36 ms
+        # (medians, docs/performance.md). Process-wide.
         cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
