@@ -193,7 +193,8 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         seed: Seed of the shuffle order and the augmentation.
         augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
         mosaic: False turns mosaic off (the last close_mosaic epochs).
-        device: Where the batches are used: CUDA pins them (faster host-to-GPU copies); it also sets -1 workers.
+        device: Where the batches are used: CUDA pins them (faster host-to-GPU copies); it also sets -1 workers,
+            and on the CPU OpenCV runs on one thread.
         drop_last: Drop a last incomplete batch.
         fraction: Train on this fraction of the images (seeded choice).
         rank, world_size: Under DDP, training loads every world_size-th image of the epoch's order from
