@@ -12,7 +12,8 @@ the data; the embedded shapes set is rendered there and its COCO JSON converted 
 peer. Every run trains the nano model from scratch at batch 16 on the CPU (or --batch, --device: a GPU
 index, or batch -1 for each side's AutoBatch), in a fresh process:
 
-    ours           this package with its defaults (threads = physical cores, one loader worker)
+    ours           this package with its defaults (threads = physical cores, workers=-1: on the CPU the
+                   cores torch's threads leave, none on 2 cores; on a GPU every core but one, at most 8)
     peer           the peer's nano model built from its YAML (yolov8n.yaml), its defaults (it sets
                    cpu_count - 1 torch threads, here 1, and loads data in the main process)
     peer-2t        the same with torch forced to 2 threads
