@@ -9,7 +9,8 @@ the command line, space-separated) on top of the defaults; each run is a fresh p
 nano model at batch 16 as training does and measures paired_rates: every batch the loader gives is
 trained on (the loop, waiting for the batch included) and then trained on again (the pure step). Runs
 are interleaved across variants (A, B, A, B, ...), so a slow spell of the machine hits each; the table
-gives medians over `--repeats` runs.
+gives medians over `--repeats` runs, with the time the loop waited for each batch (loading in the main
+process, or receiving it from a worker).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import tempfile
 import time
 
 
-def paired_rates(run, *, mosaic: bool, first_epoch: int, batches: int = 12) -> tuple[float, float]:
-    """Our train loop and our pure step side by side: images/s of each over the same `batches` batches.
+def paired_rates(run, *, mosaic: bool, first_epoch: int, batches: int = 12) -> tuple[float, float, float]:
+    """Our train loop and our pure step side by side: images/s of each over the same `batches` batches, and
+    the median milliseconds the loop waited for the loader to hand it a batch.
 
     The run's own loader (its workers) goes through epochs from `first_epoch` on. Each batch it gives is
     trained on (the loop: from the previous step's end, waiting for the batch included) and then trained
@@ -45,21 +47,24 @@ def paired_rates(run, *, mosaic: bool, first_epoch: int, batches: int = 12) -> t
     loader = run.loader(True, mosaic=mosaic)
     loop = pure = 0.0
     images = seen = 0
+    waits = []
     epoch, end = first_epoch, now()
     while seen <= batches:
         set_epoch(loader, epoch)
         epoch += 1
         for batch in loader:
+            arrived = now()
             train_step(run.ctx, batch.images, batch.targets)
             middle = now()
             train_step(run.ctx, batch.images, batch.targets)
             start, end = end, now()
             if seen:
                 loop, pure, images = loop + middle - start, pure + end - middle, images + len(batch)
+                waits.append(1e3 * (arrived - start))
             seen += 1
             if seen > batches:
                 break
-    return images / loop, images / pure
+    return images / loop, images / pure, statistics.median(waits)
 
 
 def measure(data: str, image_size: int, variant: str, batches: int) -> dict:
@@ -72,9 +77,9 @@ def measure(data: str, image_size: int, variant: str, batches: int) -> dict:
     with tempfile.TemporaryDirectory() as project:
         run = Trainer({"data": data, "model": "n", "imgsz": image_size, "batch": 16, "epochs": 1, "val": False,
                        "plots": False, "project": project, "name": "loop", **overrides}, progress=False)
-        loop, pure = paired_rates(run, mosaic=True, first_epoch=0, batches=batches)
+        loop, pure, wait_ms = paired_rates(run, mosaic=True, first_epoch=0, batches=batches)
         workers = run.loader(True).num_workers
-    return {"loop": loop, "pure": pure, "threads": torch.get_num_threads(), "workers": workers}
+    return {"loop": loop, "pure": pure, "wait_ms": wait_ms, "threads": torch.get_num_threads(), "workers": workers}
 
 
 def main() -> None:
@@ -99,13 +104,14 @@ def main() -> None:
             results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"nano, batch 16, imgsz {args.imgsz}, {args.data}; {args.batches} paired batches per run, "
           f"medians of {args.repeats} runs")
-    print("| settings | threads / workers | loop img/s | pure img/s | loop/pure | loop/pure per run |")
-    print("|---|---|---:|---:|---:|---|")
+    print("| settings | threads / workers | loop img/s | pure img/s | batch wait ms | loop/pure | loop/pure per run |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for variant, runs in results.items():
         ratios = [r["loop"] / r["pure"] for r in runs]
         print(f"| {variant or 'defaults'} | {runs[0]['threads']} / {runs[0]['workers']} "
               f"| {statistics.median(r['loop'] for r in runs):.2f} | {statistics.median(r['pure'] for r in runs):.2f} "
-              f"| {statistics.median(ratios):.3f} | {' '.join(f'{r:.3f}' for r in ratios)} |", flush=True)
+              f"| {statistics.median(r['wait_ms'] for r in runs):.1f} | {statistics.median(ratios):.3f} "
+              f"| {' '.join(f'{r:.3f}' for r in ratios)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def child_ours(spec: dict) -> dict:
                                   "exist_ok": True, **spec["ours_overrides"]})
     metrics = run.fit()
     engine.train_step = train_step
-    loop, pure = paired_rates(run, mosaic=spec["close_mosaic"] == 0, first_epoch=spec["epochs"])
+    loop, pure, _ = paired_rates(run, mosaic=spec["close_mosaic"] == 0, first_epoch=spec["epochs"])
     return {"batches": batches, "epoch_starts": epoch_starts, "threads": torch.get_num_threads(),
             "workers": run.loader(True).num_workers, "pure": pure, "loop_over_pure": loop / pure,
             "map50_95": metrics["metrics/mAP50-95"]}

@@ -228,8 +228,8 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
     if workers or device.type == "cpu":
         # OpenCV's own thread pool fights torch's threads for the cores. Workers inherit this at fork (it
         # cannot be set safely inside one): single-threaded OpenCV in one worker trained coco128 at 320 about
-        # 7% faster on 2 cores. Loading in the main process on the CPU, a batch at 320 took 30 against 36 ms
-        # (medians, docs/performance.md). Process-wide.
+        # 7% faster on 2 cores. Loading in the main process on the CPU, a batch at 320 waited 30.5 against
+        # 35.9 ms in one series and 35.6 against 36.8 in another (medians, docs/performance.md). Process-wide.
         cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
