@@ -115,7 +115,7 @@ class Model:
                 forward-only steps, capped at the source's length when it is known.
             max_wait_ms: longest wait of a batch's first frame for the rest (None: until full), for streams.
             conf, iou, max_det: NMS settings.
-            device: '', cpu, 0, cuda:0.
+            device: '', cpu, cuda, 0, cuda:0.
             save_dir: write each image drawn with its boxes there.
             stream: return a generator (results as they are ready) instead of a list.
         """

@@ -55,15 +55,16 @@ def setup_logging(log_file: Path | None = None, verbose: bool = True) -> None:
 
 
 def select_device(spec: str) -> torch.device:
-    """'' -> cuda:0 when available else cpu; 'cpu'; '0' or 'cuda:0' -> that GPU (an error if absent)."""
+    """'' -> cuda:0 when available else cpu; 'cpu'; '0', 'cuda:0' or 'cuda' (GPU 0) -> that GPU (an error if
+    absent)."""
     spec = spec.strip().lower()
     if spec in ("", "auto"):
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
-    index = spec.removeprefix("cuda:")
+    index = "0" if spec == "cuda" else spec.removeprefix("cuda:")
     if not index.isdigit():
-        raise ConfigError(f"invalid value device={spec!r}: expected '', cpu, a GPU index like 0, or cuda:0")
+        raise ConfigError(f"invalid value device={spec!r}: expected '', cpu, cuda, a GPU index like 0, or cuda:0")
     if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
         raise ConfigError(f"device={spec} asked for a GPU, but torch sees {torch.cuda.device_count()} "
                           "CUDA device(s): use device=cpu or check the CUDA install")

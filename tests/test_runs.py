@@ -1,4 +1,4 @@
-"""Process settings of a run: freed host memory is kept by malloc for reuse instead of going back to the OS."""
+"""Process settings of a run: the device a spelling names, and freed host memory kept by malloc for reuse."""
 
 import subprocess
 import sys
@@ -71,3 +71,29 @@ def test_a_worker_forked_late_holds_no_copy_of_the_memory_malloc_kept():
     # Without the release, the worker keeps the old copy of every kept page the parent wrote again.
     assert pinned > 150
     assert released < pinned - 120
+
+
+def test_device_spellings_resolve_to_one_gpu_or_fail_in_one_line(monkeypatch):
+    import torch
+
+    from detector.errors import ConfigError
+    from detector.runs import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert select_device("") == torch.device("cpu")
+    assert select_device(" CPU ") == torch.device("cpu")
+    for spec in ("cuda", "0", "cuda:0"):
+        with pytest.raises(ConfigError, match="asked for a GPU, but torch sees 0"):
+            select_device(spec)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device("") == torch.device("cuda:0")
+    assert select_device("cuda") == torch.device("cuda:0")
+    assert select_device("1") == torch.device("cuda:1")
+    assert select_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="torch sees 2"):
+        select_device("2")
+    with pytest.raises(ConfigError, match="invalid value device='gpu'"):
+        select_device("gpu")
