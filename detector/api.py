@@ -95,6 +95,8 @@ class Model:
                                                conf=config.conf, iou=config.iou, max_det=config.max_det)
         names = dict(zip(dataset.category_ids, dataset.names, strict=True))
         metrics = coco_evaluate(load_ground_truth(dataset.annotation_json), detections, image_ids, names)
+        for line in metrics.table(per_class=True):
+            logger.info(line)
         logger.info("val: mAP50-95 %.4f mAP50 %.4f P %.3f R %.3f on %d images (batch %d)", metrics.map50_95,
                     metrics.map50, metrics.precision, metrics.recall, len(image_ids), batch)
         return {**metrics.as_row(), "fitness": metrics.fitness}

@@ -195,4 +195,6 @@ def launch_ranks(overrides: dict[str, Any]) -> dict[str, float]:
     logger.info("launching %s", " ".join(command))
     if subprocess.run(command, env=env, check=False).returncode != 0:
         raise DetectorError(f"a rank of the distributed run failed: see its output above and {run_dir}/train.log")
-    return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics.pop("per_class", None)  # what train() returns in a single process
+    return metrics

@@ -15,14 +15,24 @@ from pycocotools.cocoeval import COCOeval
 
 
 @dataclass
-class DetectionMetrics:
-    """Validation results. precision/recall are at each class's best-F1 score threshold, IoU 0.5."""
+class ClassMetrics:
+    """One class's row of the validation table: its ground truth in the evaluated images, and its scores."""
 
-    map50_95: float = 0.0
-    map50: float = 0.0
+    images: int = 0
+    instances: int = 0
     precision: float = 0.0
     recall: float = 0.0
-    per_class_ap: dict[str, float] = field(default_factory=dict)
+    map50: float = 0.0
+    map50_95: float = 0.0
+
+
+@dataclass
+class DetectionMetrics(ClassMetrics):
+    """Validation results: the row of all classes, and each class's row. precision/recall are at each class's
+    best-F1 score threshold, IoU 0.5; the overall figures are means over the classes with ground truth in the
+    evaluated images (COCO's convention)."""
+
+    per_class: dict[str, ClassMetrics] = field(default_factory=dict)
 
     @property
     def fitness(self) -> float:
@@ -32,6 +42,15 @@ class DetectionMetrics:
     def as_row(self) -> dict[str, float]:
         return {"metrics/precision": self.precision, "metrics/recall": self.recall,
                 "metrics/mAP50": self.map50, "metrics/mAP50-95": self.map50_95}
+
+    def table(self, per_class: bool = False) -> list[str]:
+        """Text lines: a header, the row of all classes and, with per_class, one row per class with ground truth."""
+        rows = [("all", self), *(self.per_class.items() if per_class else ())]
+        width = max(len(name) for name, _ in rows) + 2
+        lines = [f"{'class':<{width}}{'images':>8}{'instances':>10}{'P':>8}{'R':>8}{'mAP50':>8}{'mAP50-95':>10}"]
+        lines += [f"{name:<{width}}{m.images:>8}{m.instances:>10}{m.precision:>8.3f}{m.recall:>8.3f}{m.map50:>8.3f}"
+                  f"{m.map50_95:>10.3f}" for name, m in rows]
+        return lines
 
 
 def load_ground_truth(annotation_json: Path) -> COCO:
@@ -60,8 +79,11 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
         image_ids: the images that were evaluated (images without detections count as misses).
         names_by_category: original category id -> class name, for per-class AP.
     """
+    per_class = _ground_truth_counts(ground_truth, image_ids, names_by_category)
+    overall = DetectionMetrics(images=len(image_ids), instances=sum(m.instances for m in per_class.values()),
+                               per_class=per_class)
     if not detections:
-        return DetectionMetrics(per_class_ap={name: 0.0 for name in names_by_category.values()})
+        return overall
     with contextlib.redirect_stdout(io.StringIO()):
         results = ground_truth.loadRes(copy.deepcopy(detections))
         evaluator = COCOeval(ground_truth, results, "bbox")
@@ -71,23 +93,35 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
         evaluator.summarize()
     precision = evaluator.eval["precision"]  # (iou T, recall R, class K, area A, max_dets M), -1 = no gt
     scores = evaluator.eval["scores"]
-    category_ids = evaluator.params.catIds
-    per_class, best_p, best_r = {}, [], []
     recall_points = np.asarray(evaluator.params.recThrs)
-    for k, category_id in enumerate(category_ids):
+    for k, category_id in enumerate(evaluator.params.catIds):
         curve = precision[:, :, k, 0, -1]
-        if (curve > -1).any():
-            per_class[names_by_category.get(category_id, str(category_id))] = float(curve[curve > -1].mean())
-            p50 = np.clip(curve[0], 0, None)
-            f1 = 2 * p50 * recall_points / np.maximum(p50 + recall_points, 1e-9)
-            i = int(f1.argmax())
-            has_score = scores[0, i, k, 0, -1] > 0
-            best_p.append(float(p50[i]) if has_score else 0.0)
-            best_r.append(float(recall_points[i]) if has_score else 0.0)
-    return DetectionMetrics(
-        map50_95=max(float(evaluator.stats[0]), 0.0),
-        map50=max(float(evaluator.stats[1]), 0.0),
-        precision=float(np.mean(best_p)) if best_p else 0.0,
-        recall=float(np.mean(best_r)) if best_r else 0.0,
-        per_class_ap=per_class,
-    )
+        name = names_by_category.get(category_id, str(category_id))
+        if name not in per_class or not (curve > -1).any():
+            continue
+        p50 = np.clip(curve[0], 0, None)
+        f1 = 2 * p50 * recall_points / np.maximum(p50 + recall_points, 1e-9)
+        i = int(f1.argmax())
+        row = per_class[name]
+        if scores[0, i, k, 0, -1] > 0:
+            row.precision, row.recall = float(p50[i]), float(recall_points[i])
+        row.map50, row.map50_95 = float(p50.mean()), float(curve[curve > -1].mean())
+    rows = per_class.values()
+    overall.map50_95 = max(float(evaluator.stats[0]), 0.0)
+    overall.map50 = max(float(evaluator.stats[1]), 0.0)
+    overall.precision = float(np.mean([m.precision for m in rows])) if rows else 0.0
+    overall.recall = float(np.mean([m.recall for m in rows])) if rows else 0.0
+    return overall
+
+
+def _ground_truth_counts(ground_truth: COCO, image_ids: list[int],
+                         names_by_category: dict[int, str]) -> dict[str, ClassMetrics]:
+    """Images and (non-crowd) instances of each class in `image_ids`, for the classes that have any."""
+    images: dict[int, set[int]] = {}
+    instances: dict[int, int] = {}
+    for annotation in ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=list(image_ids), iscrowd=False)):
+        category_id = annotation["category_id"]
+        images.setdefault(category_id, set()).add(annotation["image_id"])
+        instances[category_id] = instances.get(category_id, 0) + 1
+    return {names_by_category.get(c, str(c)): ClassMetrics(len(images[c]), instances[c])
+            for c in sorted(instances, key=lambda c: (c not in names_by_category, c))}

@@ -273,7 +273,7 @@ class Trainer:
             logger.info("time budget %.2f h: %.1f s per epoch -> %d epochs", self.config.time, per_epoch, epochs)
         return epochs
 
-    def evaluate(self, loader) -> DetectionMetrics:
+    def evaluate(self, loader, per_class: bool = False) -> DetectionMetrics:
         model = (self.ctx.ema.module if self.ctx.ema is not None else self.model).fused_copy(self.ctx.channels_last)
         detections, image_ids = predict_loader(
             model, loader, device=self.device, category_ids=self.val_data.category_ids, conf=self.config.conf,
@@ -281,9 +281,8 @@ class Trainer:
             channels_last=self.ctx.channels_last, progress=self.progress)
         names = dict(zip(self.val_data.category_ids, self.val_data.names, strict=True))
         metrics = coco_evaluate(self.ground_truth, detections, image_ids, names)
-        logger.info("%-10s %8s %8s %8s %8s", "images", "P", "R", "mAP50", "mAP50-95")
-        logger.info("%-10d %8.3f %8.3f %8.3f %8.3f", len(image_ids), metrics.precision, metrics.recall,
-                    metrics.map50, metrics.map50_95)
+        for line in metrics.table(per_class):
+            logger.info(line)
         return metrics
 
     def _record(self, epoch: int, losses: dict[str, float], metrics: DetectionMetrics | None, train_time: float,
@@ -367,12 +366,13 @@ class Trainer:
         best = load_checkpoint(self.weights_dir / "best.pt")
         model = self.ctx.ema.module if self.ctx.ema is not None else self.model
         model.load_state_dict(best["model"])
-        metrics = self.evaluate(val_loader)
+        metrics = self.evaluate(val_loader, per_class=True)
         result = {**metrics.as_row(), "fitness": metrics.fitness, "epochs_run": len(self.rows),
                   "run_dir": str(self.run_dir)}
         logger.info("best.pt (epoch %d): mAP50-95 %.4f mAP50 %.4f; results in %s", best["epoch"],
                     metrics.map50_95, metrics.map50, self.run_dir)
-        atomic_write_text(self.run_dir / "metrics.json", json.dumps(result, indent=1))
+        per_class = {name: asdict(row) for name, row in metrics.per_class.items()}
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps({**result, "per_class": per_class}, indent=1))
         return result
 
     def _plot_first_batches(self, loader) -> None:

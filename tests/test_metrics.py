@@ -32,14 +32,15 @@ def test_perfect_detections_score_one(ground_truth):
     metrics = coco_evaluate(ground_truth, detections, [10, 11], NAMES)
     assert metrics.map50_95 == pytest.approx(1.0) and metrics.map50 == pytest.approx(1.0)
     assert metrics.precision == pytest.approx(1.0) and metrics.recall == pytest.approx(1.0)
-    assert metrics.per_class_ap == {"cat": pytest.approx(1.0), "dog": pytest.approx(1.0)}
+    assert {name: m.map50_95 for name, m in metrics.per_class.items()} == {"cat": pytest.approx(1.0),
+                                                                          "dog": pytest.approx(1.0)}
     assert metrics.fitness == pytest.approx(1.0)
 
 
 def test_wrong_class_and_missing_image_lower_the_score(ground_truth):
     detections = [{"image_id": 10, "category_id": 7, "bbox": [10, 10, 30, 40], "score": 0.9}]
     metrics = coco_evaluate(ground_truth, detections, [10, 11], NAMES)
-    assert metrics.map50_95 == 0.0 and metrics.per_class_ap["cat"] == 0.0
+    assert metrics.map50_95 == 0.0 and metrics.per_class["cat"].map50_95 == 0.0
 
 
 def test_a_loose_box_counts_at_iou_50_but_not_at_stricter_thresholds(ground_truth):
@@ -48,8 +49,47 @@ def test_a_loose_box_counts_at_iou_50_but_not_at_stricter_thresholds(ground_trut
     metrics = coco_evaluate(ground_truth, detections, [10, 11], NAMES)
     assert metrics.map50 == pytest.approx(1.0)
     assert 0.5 < metrics.map50_95 < 1.0
-    assert metrics.per_class_ap["cat"] == pytest.approx(0.6, abs=0.01)  # passes 0.50..0.75: 6 of 10
+    assert metrics.per_class["cat"].map50_95 == pytest.approx(0.6, abs=0.01)  # passes 0.50..0.75: 6 of 10
+    assert metrics.per_class["cat"].map50 == pytest.approx(1.0)
 
 
-def test_no_detections_give_zero(ground_truth):
-    assert coco_evaluate(ground_truth, [], [10, 11], NAMES).map50_95 == 0.0
+def test_no_detections_give_zero_but_still_count_the_ground_truth(ground_truth):
+    metrics = coco_evaluate(ground_truth, [], [10, 11], NAMES)
+    assert metrics.map50_95 == 0.0 and (metrics.images, metrics.instances) == (2, 2)
+    assert [row.split() for row in metrics.table(per_class=True)[1:]] == [
+        ["all", "2", "2", *["0.000"] * 4], ["cat", "1", "1", *["0.000"] * 4], ["dog", "1", "1", *["0.000"] * 4]]
+
+
+def test_the_per_class_table_counts_each_class_in_the_evaluated_images_only(tmp_path):
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in (1, 2, 3)],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40]},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [60, 60, 20, 20]},
+            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [10, 10, 30, 40]},
+            {"id": 4, "image_id": 2, "category_id": 3, "bbox": [0, 0, 90, 90], "iscrowd": 1, "area": 8100},
+            {"id": 5, "image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20]},
+            {"id": 6, "image_id": 3, "category_id": 9, "bbox": [50, 20, 20, 20]},  # image 3 is not evaluated
+        ],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 9, "name": "bird"}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    # Both cats of image 1 found, the cat of image 2 missed, the dog found.
+    detections = [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40], "score": 0.9},
+                  {"image_id": 1, "category_id": 3, "bbox": [60, 60, 20, 20], "score": 0.8},
+                  {"image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20], "score": 0.7}]
+    metrics = coco_evaluate(load_ground_truth(path), detections, [1, 2], {3: "cat", 7: "dog", 9: "bird"})
+    cat, dog = metrics.per_class["cat"], metrics.per_class["dog"]
+    assert list(metrics.per_class) == ["cat", "dog"]  # no bird in the evaluated images: no row
+    assert (cat.images, cat.instances, dog.images, dog.instances) == (2, 3, 1, 1)  # the crowd box is not counted
+    assert cat.precision == pytest.approx(1.0) and cat.recall == pytest.approx(0.66, abs=0.01)
+    assert dog.map50_95 == pytest.approx(1.0) and cat.map50 == pytest.approx(0.67, abs=0.01)
+    assert (metrics.images, metrics.instances) == (2, 4)
+    assert metrics.map50_95 == pytest.approx((cat.map50_95 + dog.map50_95) / 2)
+    assert metrics.recall == pytest.approx((cat.recall + 1.0) / 2)
+    header, overall, *rows = metrics.table(per_class=True)
+    assert header.split() == ["class", "images", "instances", "P", "R", "mAP50", "mAP50-95"]
+    assert overall.split()[:3] == ["all", "2", "4"] and [row.split()[:3] for row in rows] == [
+        ["cat", "2", "3"], ["dog", "1", "1"]]
+    assert len(metrics.table()) == 2  # per-epoch validation: the header and the row of all classes

@@ -93,6 +93,15 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     assert again["metrics/mAP50-95"] == pytest.approx(api_metrics["metrics/mAP50-95"], abs=1e-6)
     for name in ("args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "train.log"):
         assert (tmp_path / "api" / name).is_file()
+    # The final validation's per-class table: in metrics.json and the log, one row per class with ground truth.
+    saved = json.loads((tmp_path / "api" / "metrics.json").read_text())
+    per_class = saved["per_class"]
+    annotations = json.loads((Path(args["data"]).parent / "shapes/annotations/instances_train.json").read_text())
+    assert sum(row["instances"] for row in per_class.values()) == len(annotations["annotations"])
+    assert set(per_class) == {"circle", "rectangle", "triangle", "star"}
+    assert np.mean([row["map50_95"] for row in per_class.values()]) == pytest.approx(saved["metrics/mAP50-95"])
+    log = (tmp_path / "api" / "train.log").read_text()
+    assert all(f"INFO detector.trainer: {name} " in log for name in per_class)
 
 
 def test_predict_folders_and_globs_in_input_order_in_original_pixels(tiny_setup, tmp_path):
