@@ -33,6 +33,8 @@ class DetectionMetrics(ClassMetrics):
     evaluated images (COCO's convention)."""
 
     per_class: dict[str, ClassMetrics] = field(default_factory=dict)
+    # Class -> COCO's interpolated precision at IoU 0.5 at the recall points 0, 0.01, ..., 1 (PR_curve.png).
+    pr50: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def fitness(self) -> float:
@@ -106,6 +108,7 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
         if scores[0, i, k, 0, -1] > 0:
             row.precision, row.recall = float(p50[i]), float(recall_points[i])
         row.map50, row.map50_95 = float(p50.mean()), float(curve[curve > -1].mean())
+        overall.pr50[name] = p50
     rows = per_class.values()
     overall.map50_95 = max(float(evaluator.stats[0]), 0.0)
     overall.map50 = max(float(evaluator.stats[1]), 0.0)

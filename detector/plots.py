@@ -281,3 +281,26 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlab
     if curves or fitted:
         ax.legend(fontsize=9)
     return _save_figure(figure, out_path)
+
+
+def plot_pr_curves(pr50: dict[str, np.ndarray], out_path: Path, max_legend: int = 20) -> Path:
+    """Precision against recall at IoU 0.5: a thin line per class and a thick mean over them.
+
+    Args:
+        pr50: Class name -> precision at the recall points 0, 0.01, ..., 1 (DetectionMetrics.pr50).
+        out_path: PNG to write.
+        max_legend: Name the classes in the legend when there are at most this many (their AP50 beside them).
+    """
+    figure = _new_figure(6, 6)
+    ax = figure.subplots()
+    recall = np.linspace(0, 1, 101)
+    named = len(pr50) <= max_legend
+    for name, precision in pr50.items():
+        ax.plot(recall, precision, linewidth=1, alpha=0.7, label=f"{name} {precision.mean():.3f}" if named else None)
+    if pr50:
+        mean = np.mean(list(pr50.values()), axis=0)
+        ax.plot(recall, mean, linewidth=3, color="blue", label=f"all classes {mean.mean():.3f} mAP50")
+        ax.legend(fontsize=8, loc="lower left")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01), title="precision-recall at IoU 0.5")
+    ax.grid(alpha=0.3)
+    return _save_figure(figure, out_path)

@@ -44,6 +44,7 @@ from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model
 from detector.optim import ModelEMA, Schedule, build_optimizer
 from detector.plan import Plan, auto_batch, make_plan
+from detector.plots import plot_batch, plot_labels, plot_pr_curves, plot_results
 from detector.runs import make_run_dir, select_device, set_threads, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -307,8 +308,6 @@ class Trainer:
         if self.ctx.state.oom_events:
             atomic_write_text(self.run_dir / "oom_events.json", json.dumps(self.ctx.state.oom_events, indent=1))
         if self.config.plots:
-            from detector.plots import plot_results
-
             plot_results(self.run_dir / "results.csv", self.run_dir / "results.png")
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
@@ -373,11 +372,11 @@ class Trainer:
                     metrics.map50_95, metrics.map50, self.run_dir)
         per_class = {name: asdict(row) for name, row in metrics.per_class.items()}
         atomic_write_text(self.run_dir / "metrics.json", json.dumps({**result, "per_class": per_class}, indent=1))
+        if self.config.plots:
+            plot_pr_curves(metrics.pr50, self.run_dir / "PR_curve.png")
         return result
 
     def _plot_first_batches(self, loader) -> None:
-        from detector.plots import plot_batch, plot_labels
-
         batch = next(iter(loader))
         plot_batch(batch.images, batch.targets, self.names, self.run_dir / "train_batch0.jpg")
         boxes, classes = self.train_data.all_boxes(self.plan.image_size)

@@ -125,3 +125,17 @@ def test_plot_labels_and_lines_write_pngs(tmp_path):
 def test_plot_curves_rejects_mismatched_series(tmp_path):
     with pytest.raises(ValueError, match="'a' has 2 values for 3"):
         plots.plot_curves({"a": ([1, 2, 3], [1, 2])}, "x", "y", tmp_path / "bad.png")
+
+
+def test_pr_curves_draw_the_mean_of_the_classes_as_the_thick_blue_line(tmp_path):
+    def blue_line_height(pr50, name):
+        image = _read_png(plots.plot_pr_curves(pr50, tmp_path / name))
+        rows, _ = np.nonzero((image[:, :, 0] > 200) & (image[:, :, 1] < 60) & (image[:, :, 2] < 60))  # BGR blue
+        return np.median(rows)
+
+    flat = {"a": np.ones(101), "b": np.zeros(101)}  # mean precision 0.5 at every recall
+    high = {"a": np.ones(101), "b": np.full(101, 0.8)}  # mean 0.9
+    assert blue_line_height(high, "high.png") < blue_line_height(flat, "flat.png") - 100  # rows grow downwards
+    many = {f"class {i}": np.linspace(1, 0, 101) for i in range(30)}  # too many classes to name: no legend rows
+    assert _read_png(plots.plot_pr_curves(many, tmp_path / "many.png")).shape[:2] == (600, 600)
+    assert _no_temp_files(tmp_path)

@@ -76,7 +76,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_pat
 def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tiny_setup, tmp_path):
     args = settings(tiny_setup, tmp_path, epochs=2)
     model = Model(args.pop("model"))
-    api_metrics = model.train(**{**args, "name": "api"})
+    api_metrics = model.train(**{**args, "name": "api", "plots": True})
     cli_args = [f"{k}={v}" for k, v in {**args, "model": tiny_setup["model"], "name": "cli"}.items()]
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *cli_args], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
@@ -91,8 +91,10 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     assert "optimizer" not in state and state["names"] == ["circle", "rectangle", "triangle", "star"]
     again = Model(str(best)).val(data=args["data"], workers=0)
     assert again["metrics/mAP50-95"] == pytest.approx(api_metrics["metrics/mAP50-95"], abs=1e-6)
-    for name in ("args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "train.log"):
-        assert (tmp_path / "api" / name).is_file()
+    for name in ("args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "train.log", "results.png",
+                 "labels.png", "train_batch0.jpg", "PR_curve.png"):
+        assert (tmp_path / "api" / name).is_file(), name
+    assert not (tmp_path / "cli" / "PR_curve.png").exists()  # plots=false
     # The final validation's per-class table: in metrics.json and the log, one row per class with ground truth.
     saved = json.loads((tmp_path / "api" / "metrics.json").read_text())
     per_class = saved["per_class"]
