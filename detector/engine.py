@@ -9,6 +9,7 @@ import math
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,8 +20,10 @@ from tqdm import tqdm
 from detector.distributed import unwrap
 from detector.errors import DetectorError
 from detector.memory import is_out_of_memory
+from detector.metrics import DetectionMetrics
 from detector.optim import ModelEMA, Schedule
-from detector.postprocess import decode, non_max_suppression
+from detector.plots import plot_batch, plot_pr_curves
+from detector.postprocess import Detections, decode, non_max_suppression
 
 logger = logging.getLogger(__name__)
 
@@ -237,17 +240,43 @@ def predict_loader(model: nn.Module, loader, *, device: torch.device, category_i
     model.eval()
     detections, image_ids = [], []
     for batch in tqdm(loader, desc="validating", disable=not progress, leave=False, dynamic_ncols=True):
-        images = prepare_images(batch.images, device, channels_last)
-        with autocast(device, amp_dtype):
-            outputs = model(images)
-        boxes, scores = decode([o.float() for o in outputs], model.strides, model.reg_max)
-        results = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+        results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=max_det,
+                          amp_dtype=amp_dtype, channels_last=channels_last)
         for i, result in enumerate(results):
             image_id = int(batch.image_ids[i])
             image_ids.append(image_id)
             detections.extend(to_coco(result, batch.scales[i], batch.pads[i], batch.orig_sizes[i],
                                       image_id, category_ids))
     return detections, image_ids
+
+
+def _detect(model: nn.Module, images: torch.Tensor, *, device: torch.device, conf: float, iou: float, max_det: int,
+            amp_dtype: torch.dtype | None, channels_last: bool) -> list[Detections]:
+    """A uint8 batch's detections in its input pixels."""
+    inputs = prepare_images(images, device, channels_last)
+    with autocast(device, amp_dtype):
+        outputs = model(inputs)
+    boxes, scores = decode([o.float() for o in outputs], model.strides, model.reg_max)
+    return non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+
+
+@torch.no_grad()
+def plot_validation(model: nn.Module, loader, metrics: DetectionMetrics, names: list[str], run_dir: Path, *,
+                    device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                    conf: float = 0.25, iou: float = 0.7) -> None:
+    """PR_curve.png from `metrics`, and val_batch0_labels.jpg / val_batch0_pred.jpg: the first validation batch
+    with its ground truth, and with the model's detections scoring at least `conf` (predict's default), to check
+    the model by eye."""
+    plot_pr_curves(metrics.pr50, run_dir / "PR_curve.png")
+    model.eval()
+    batch = next(iter(loader))
+    results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=300, amp_dtype=amp_dtype,
+                      channels_last=channels_last)
+    rows = [torch.cat([torch.full((len(r.scores), 1), float(i)), r.classes[:, None].float().cpu(),
+                       r.boxes_xyxy.float().cpu()], dim=1) for i, r in enumerate(results)]
+    plot_batch(batch.images, batch.targets, names, run_dir / "val_batch0_labels.jpg")
+    plot_batch(batch.images, torch.cat(rows), names, run_dir / "val_batch0_pred.jpg",
+               scores=torch.cat([r.scores.float().cpu() for r in results]))
 
 
 def to_coco(result, scale: torch.Tensor, pad: torch.Tensor, orig_size: torch.Tensor, image_id: int,

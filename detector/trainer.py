@@ -36,7 +36,7 @@ from detector.config import Config, load_defaults, make_config
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
-from detector.engine import LoopState, StepContext, predict_loader, train_one_epoch
+from detector.engine import LoopState, StepContext, plot_validation, predict_loader, train_one_epoch
 from detector.errors import ConfigError
 from detector.interrupt import StopRequest
 from detector.loss import DetectionLoss
@@ -44,7 +44,7 @@ from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model
 from detector.optim import ModelEMA, Schedule, build_optimizer
 from detector.plan import Plan, auto_batch, make_plan
-from detector.plots import plot_batch, plot_labels, plot_pr_curves, plot_results
+from detector.plots import plot_batch, plot_labels, plot_results
 from detector.runs import make_run_dir, select_device, set_threads, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -373,7 +373,8 @@ class Trainer:
         per_class = {name: asdict(row) for name, row in metrics.per_class.items()}
         atomic_write_text(self.run_dir / "metrics.json", json.dumps({**result, "per_class": per_class}, indent=1))
         if self.config.plots:
-            plot_pr_curves(metrics.pr50, self.run_dir / "PR_curve.png")
+            plot_validation(model.fused_copy(self.ctx.channels_last), val_loader, metrics, self.names, self.run_dir,
+                            device=self.device, amp_dtype=self.ctx.amp_dtype, channels_last=self.ctx.channels_last)
         return result
 
     def _plot_first_batches(self, loader) -> None:

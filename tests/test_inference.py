@@ -170,3 +170,30 @@ def test_a_video_gives_one_result_per_frame_and_drawn_frames(coco8_checkpoint, c
     assert [(r.frame, r.index, r.path) for r in results] == [(i, i, str(video)) for i in range(3)]
     assert all(r.image.shape == (128, 128, 3) for r in results)  # a video frame cannot be read again: kept
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == [f"clip_{i:06d}.jpg" for i in range(3)]
+
+
+def test_the_validation_pictures_show_the_ground_truth_and_the_detections_above_conf(datasets_dir, tmp_path):
+    from detector.data.coco import CocoDataset
+    from detector.data.loader import build_dataloader
+    from detector.engine import plot_validation
+    from detector.metrics import DetectionMetrics
+    from detector.plots import plot_batch
+
+    root = datasets_dir / "coco8"
+    dataset = CocoDataset(root / "images" / "val", root / "annotations" / "instances_val.json")
+    loader = build_dataloader(dataset, train=False, image_size=128, batch_size=4, workers=0)
+    model = content_sensitive_detector(len(dataset.names))
+
+    def pictures(conf):
+        folder = tmp_path / f"conf{conf}"
+        folder.mkdir()
+        plot_validation(model, loader, DetectionMetrics(), dataset.names, folder, device=torch.device("cpu"),
+                        conf=conf)
+        assert (folder / "PR_curve.png").is_file()
+        return (cv2.imread(str(folder / name)).astype(int) for name in ("val_batch0_labels.jpg", "val_batch0_pred.jpg"))
+
+    bare = cv2.imread(str(plot_batch(next(iter(loader)).images, torch.zeros(0, 6), [], tmp_path / "bare.jpg")))
+    labels, nothing = pictures(1.01)  # no score passes conf > 1
+    assert np.array_equal(nothing, bare) and np.abs(labels - bare).mean() > 1  # coco8's boxes are drawn
+    _, everything = pictures(0.0)  # every class of every anchor passes, up to 300 per image
+    assert np.abs(everything - bare).mean() > np.abs(labels - bare).mean()

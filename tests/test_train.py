@@ -92,7 +92,7 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     again = Model(str(best)).val(data=args["data"], workers=0)
     assert again["metrics/mAP50-95"] == pytest.approx(api_metrics["metrics/mAP50-95"], abs=1e-6)
     for name in ("args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "train.log", "results.png",
-                 "labels.png", "train_batch0.jpg", "PR_curve.png"):
+                 "labels.png", "train_batch0.jpg", "PR_curve.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
         assert (tmp_path / "api" / name).is_file(), name
     assert not (tmp_path / "cli" / "PR_curve.png").exists()  # plots=false
     # The final validation's per-class table: in metrics.json and the log, one row per class with ground truth.
