@@ -274,7 +274,8 @@ class Trainer:
             logger.info("time budget %.2f h: %.1f s per epoch -> %d epochs", self.config.time, per_epoch, epochs)
         return epochs
 
-    def evaluate(self, loader, per_class: bool = False) -> DetectionMetrics:
+    def evaluate(self, loader, final: bool = False) -> DetectionMetrics:
+        """COCO metrics of the EMA weights, Conv+BN fused; `final` adds the per-class table and, with plots, images."""
         model = (self.ctx.ema.module if self.ctx.ema is not None else self.model).fused_copy(self.ctx.channels_last)
         detections, image_ids = predict_loader(
             model, loader, device=self.device, category_ids=self.val_data.category_ids, conf=self.config.conf,
@@ -282,8 +283,11 @@ class Trainer:
             channels_last=self.ctx.channels_last, progress=self.progress)
         names = dict(zip(self.val_data.category_ids, self.val_data.names, strict=True))
         metrics = coco_evaluate(self.ground_truth, detections, image_ids, names)
-        for line in metrics.table(per_class):
+        for line in metrics.table(per_class=final):
             logger.info(line)
+        if final and self.config.plots:
+            plot_validation(model, loader, metrics, self.names, self.run_dir, device=self.device,
+                            amp_dtype=self.ctx.amp_dtype, channels_last=self.ctx.channels_last)
         return metrics
 
     def _record(self, epoch: int, losses: dict[str, float], metrics: DetectionMetrics | None, train_time: float,
@@ -363,18 +367,14 @@ class Trainer:
 
     def _validate_best(self, val_loader) -> dict[str, float]:
         best = load_checkpoint(self.weights_dir / "best.pt")
-        model = self.ctx.ema.module if self.ctx.ema is not None else self.model
-        model.load_state_dict(best["model"])
-        metrics = self.evaluate(val_loader, per_class=True)
+        (self.ctx.ema.module if self.ctx.ema is not None else self.model).load_state_dict(best["model"])
+        metrics = self.evaluate(val_loader, final=True)
         result = {**metrics.as_row(), "fitness": metrics.fitness, "epochs_run": len(self.rows),
                   "run_dir": str(self.run_dir)}
         logger.info("best.pt (epoch %d): mAP50-95 %.4f mAP50 %.4f; results in %s", best["epoch"],
                     metrics.map50_95, metrics.map50, self.run_dir)
         per_class = {name: asdict(row) for name, row in metrics.per_class.items()}
         atomic_write_text(self.run_dir / "metrics.json", json.dumps({**result, "per_class": per_class}, indent=1))
-        if self.config.plots:
-            plot_validation(model.fused_copy(self.ctx.channels_last), val_loader, metrics, self.names, self.run_dir,
-                            device=self.device, amp_dtype=self.ctx.amp_dtype, channels_last=self.ctx.channels_last)
         return result
 
     def _plot_first_batches(self, loader) -> None:
