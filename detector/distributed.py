@@ -196,5 +196,4 @@ def launch_ranks(overrides: dict[str, Any]) -> dict[str, float]:
     if subprocess.run(command, env=env, check=False).returncode != 0:
         raise DetectorError(f"a rank of the distributed run failed: see its output above and {run_dir}/train.log")
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    metrics.pop("per_class", None)  # what train() returns in a single process
-    return metrics
+    return {key: value for key, value in metrics.items() if not isinstance(value, dict)}  # as train() returns

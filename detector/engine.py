@@ -20,9 +20,9 @@ from tqdm import tqdm
 from detector.distributed import unwrap
 from detector.errors import DetectorError
 from detector.memory import is_out_of_memory
-from detector.metrics import DetectionMetrics
+from detector.metrics import CONFUSION_CONF, CONFUSION_IOU, DetectionMetrics
 from detector.optim import ModelEMA, Schedule
-from detector.plots import plot_batch, plot_pr_curves
+from detector.plots import plot_batch, plot_confusion_matrix, plot_pr_curves
 from detector.postprocess import Detections, decode, non_max_suppression
 
 logger = logging.getLogger(__name__)
@@ -264,10 +264,13 @@ def _detect(model: nn.Module, images: torch.Tensor, *, device: torch.device, con
 def plot_validation(model: nn.Module, loader, metrics: DetectionMetrics, names: list[str], run_dir: Path, *,
                     device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                     conf: float = 0.25, iou: float = 0.7) -> None:
-    """PR_curve.png from `metrics`, and val_batch0_labels.jpg / val_batch0_pred.jpg: the first validation batch
-    with its ground truth, and with the model's detections scoring at least `conf` (predict's default), to check
-    the model by eye."""
+    """PR_curve.png and confusion_matrix.png from `metrics`, and val_batch0_labels.jpg / val_batch0_pred.jpg:
+    the first validation batch with its ground truth, and with the model's detections scoring at least `conf`
+    (predict's default), to check the model by eye."""
     plot_pr_curves(metrics.pr50, run_dir / "PR_curve.png")
+    if metrics.confusion is not None:
+        plot_confusion_matrix(metrics.confusion, metrics.confusion_labels, run_dir / "confusion_matrix.png",
+                              title=f"confusion matrix: scores >= {CONFUSION_CONF}, IoU > {CONFUSION_IOU}")
     model.eval()
     batch = next(iter(loader))
     results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=300, amp_dtype=amp_dtype,

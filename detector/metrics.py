@@ -6,12 +6,18 @@ import contextlib
 import copy
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert, box_iou
+
+CONFUSION_CONF = 0.25  # score a detection needs to enter the confusion matrix (predict's default)
+CONFUSION_IOU = 0.45   # IoU at which a detection and a ground-truth box are taken for the same object
 
 
 @dataclass
@@ -35,6 +41,9 @@ class DetectionMetrics(ClassMetrics):
     per_class: dict[str, ClassMetrics] = field(default_factory=dict)
     # Class -> COCO's interpolated precision at IoU 0.5 at the recall points 0, 0.01, ..., 1 (PR_curve.png).
     pr50: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # Counts [predicted, true] (confusion_matrix), and the names of its rows and columns: the classes, background.
+    confusion: np.ndarray | None = field(default=None, repr=False)
+    confusion_labels: list[str] = field(default_factory=list, repr=False)
 
     @property
     def fitness(self) -> float:
@@ -53,6 +62,17 @@ class DetectionMetrics(ClassMetrics):
         lines += [f"{name:<{width}}{m.images:>8}{m.instances:>10}{m.precision:>8.3f}{m.recall:>8.3f}{m.map50:>8.3f}"
                   f"{m.map50_95:>10.3f}" for name, m in rows]
         return lines
+
+    def details(self) -> dict[str, Any]:
+        """Plain data for metrics.json: the per-class rows, and the confusion matrix as {true class: {predicted
+        class: count}} (counts above zero; true "background" holds the false detections, predicted "background"
+        the missed objects)."""
+        labels, confusion = self.confusion_labels, {}
+        for column, true_name in enumerate(labels):
+            counts = {name: int(n) for name, n in zip(labels, self.confusion[:, column], strict=True) if n}
+            if counts:
+                confusion[true_name] = counts
+        return {"per_class": {name: asdict(row) for name, row in self.per_class.items()}, "confusion_matrix": confusion}
 
 
 def load_ground_truth(annotation_json: Path) -> COCO:
@@ -83,7 +103,9 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
     """
     per_class = _ground_truth_counts(ground_truth, image_ids, names_by_category)
     overall = DetectionMetrics(images=len(image_ids), instances=sum(m.instances for m in per_class.values()),
-                               per_class=per_class)
+                               per_class=per_class,
+                               confusion=confusion_matrix(ground_truth, detections, image_ids, list(names_by_category)),
+                               confusion_labels=[*names_by_category.values(), "background"])
     if not detections:
         return overall
     with contextlib.redirect_stdout(io.StringIO()):
@@ -115,6 +137,50 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
     overall.precision = float(np.mean([m.precision for m in rows])) if rows else 0.0
     overall.recall = float(np.mean([m.recall for m in rows])) if rows else 0.0
     return overall
+
+
+def confusion_matrix(ground_truth: COCO, detections: list[dict], image_ids: list[int], category_ids: list[int], *,
+                     conf: float = CONFUSION_CONF, iou: float = CONFUSION_IOU) -> np.ndarray:
+    """Which class each object was detected as: counts of shape (K + 1, K + 1), [predicted, true].
+
+    In each image the detections scoring at least `conf` and the non-crowd ground-truth boxes are paired one to
+    one, whatever their classes, highest IoU first, when their IoU exceeds `iou`. A pair counts at [its
+    detection's class, its box's class]; a box left unpaired at [K, its class] (missed, "background"); a
+    detection left unpaired at [its class, K] (a false detection). Classes outside `category_ids` (original
+    ids; index k of the matrix is category_ids[k]) are left out on both sides.
+    """
+    index = {category_id: k for k, category_id in enumerate(category_ids)}
+    background = len(category_ids)
+    matrix = np.zeros((background + 1, background + 1), np.int64)
+    kept: dict[int, list[dict]] = {}
+    for detection in detections:
+        if detection["score"] >= conf and detection["category_id"] in index:
+            kept.setdefault(detection["image_id"], []).append(detection)
+    for image_id in image_ids:
+        truths = [a for a in ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=[image_id], iscrowd=False))
+                  if a["category_id"] in index]
+        found = kept.get(image_id, [])
+        true_classes = [index[a["category_id"]] for a in truths]
+        found_classes = [index[d["category_id"]] for d in found]
+        overlap = box_iou(_xyxy([d["bbox"] for d in found]), _xyxy([a["bbox"] for a in truths]))
+        pairs = sorted((overlap > iou).nonzero().tolist(), key=lambda pair: -overlap[pair[0], pair[1]])
+        paired_found, paired_truths = set(), set()
+        for d, t in pairs:
+            if d not in paired_found and t not in paired_truths:
+                paired_found.add(d)
+                paired_truths.add(t)
+                matrix[found_classes[d], true_classes[t]] += 1
+        for t, k in enumerate(true_classes):
+            if t not in paired_truths:
+                matrix[background, k] += 1
+        for d, k in enumerate(found_classes):
+            if d not in paired_found:
+                matrix[k, background] += 1
+    return matrix
+
+
+def _xyxy(boxes_xywh: list[list[float]]) -> torch.Tensor:
+    return box_convert(torch.tensor(boxes_xywh, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
 
 
 def _ground_truth_counts(ground_truth: COCO, image_ids: list[int],

@@ -304,3 +304,36 @@ def plot_pr_curves(pr50: dict[str, np.ndarray], out_path: Path, max_legend: int 
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01), title="precision-recall at IoU 0.5")
     ax.grid(alpha=0.3)
     return _save_figure(figure, out_path)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, labels: Sequence[str], out_path: Path, *, title: str = "confusion matrix",
+                          max_named: int = 31) -> Path:
+    """The confusion matrix, true classes across and predicted classes down, background last on both axes.
+
+    Each cell's colour is its share of its column (of the objects of that true class, or of the false
+    detections in the background column); the numbers are the counts.
+
+    Args:
+        matrix: Counts [predicted, true], (K + 1, K + 1) (metrics.confusion_matrix).
+        labels: The K class names, then background (DetectionMetrics.confusion_labels).
+        out_path: PNG to write.
+        max_named: Name the rows and columns and write the counts when there are at most this many.
+    """
+    if matrix.shape != (len(labels), len(labels)):
+        raise ValueError(f"confusion matrix of shape {matrix.shape} for {len(labels)} labels")
+    shares = matrix / np.maximum(matrix.sum(axis=0, keepdims=True), 1)
+    side = min(max(4 + 0.4 * len(labels), 6), 16)
+    figure = _new_figure(side, side)
+    ax = figure.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
+    if len(labels) <= max_named:
+        ticks = np.arange(len(labels))
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
+        ax.set_yticks(ticks, labels, fontsize=8)
+        for (row, column), count in np.ndenumerate(matrix):
+            if count:
+                ax.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                        color="white" if shares[row, column] > 0.5 else "black")
+    ax.set(xlabel="true", ylabel="predicted", title=title)
+    return _save_figure(figure, out_path)

@@ -373,8 +373,7 @@ class Trainer:
                   "run_dir": str(self.run_dir)}
         logger.info("best.pt (epoch %d): mAP50-95 %.4f mAP50 %.4f; results in %s", best["epoch"],
                     metrics.map50_95, metrics.map50, self.run_dir)
-        per_class = {name: asdict(row) for name, row in metrics.per_class.items()}
-        atomic_write_text(self.run_dir / "metrics.json", json.dumps({**result, "per_class": per_class}, indent=1))
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps({**result, **metrics.details()}, indent=1))
         return result
 
     def _plot_first_batches(self, loader) -> None:

@@ -1,5 +1,6 @@
 """DDP on CPU with gloo: two ranks step like one process, agree on AutoBatch's batch, write one run folder."""
 
+import json
 import os
 import socket
 import subprocess
@@ -9,9 +10,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from detector import distributed
 from detector.autobatch import choose_batch
 from detector.distributed import launch_command, rank_batch
-from detector.errors import ConfigError
+from detector.errors import ConfigError, DetectorError
 from detector.loss import DetectionLoss
 from detector.model import Detector
 from detector.optim import Schedule, build_optimizer
@@ -164,3 +166,22 @@ def test_device_list_launches_one_rank_per_gpu():
     assert env["CUDA_VISIBLE_DEVICES"] == "0,2"
     with pytest.raises(ConfigError, match="device"):
         launch_command("0,0", [])
+
+
+def test_launched_ranks_return_what_train_returns_in_one_process(tmp_path, monkeypatch):
+    """The ranks write one run folder; the launcher returns its metrics.json without the per-class details."""
+    def fake_torchrun(command, env, check):
+        args = dict(arg.split("=", 1) for arg in command if "=" in arg and not arg.startswith("--"))
+        run_dir = tmp_path / "runs" / args["name"]
+        assert args["project"] == str(tmp_path / "runs") and run_dir.is_dir() and args["exist_ok"] == "True"
+        metrics = {"metrics/mAP50-95": 0.25, "fitness": 0.3, "run_dir": str(run_dir), "epochs_run": 3,
+                   "per_class": {"cat": {"instances": 4}}, "confusion_matrix": {"cat": {"cat": 4}}}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        return subprocess.CompletedProcess(command, returncode=int(args["name"] == "broken"))
+
+    monkeypatch.setattr(distributed.subprocess, "run", fake_torchrun)
+    overrides = {"device": "0,1", "project": str(tmp_path / "runs"), "epochs": 3}
+    assert distributed.launch_ranks(overrides) == {"metrics/mAP50-95": 0.25, "fitness": 0.3, "epochs_run": 3,
+                                                   "run_dir": str(tmp_path / "runs" / "train")}
+    with pytest.raises(DetectorError, match="a rank of the distributed run failed"):
+        distributed.launch_ranks({**overrides, "name": "broken"})

@@ -1,10 +1,11 @@
-"""COCO mAP through pycocotools: perfect, shifted and missing detections."""
+"""COCO mAP through pycocotools: perfect, shifted and missing detections; the confusion matrix."""
 
 import json
 
+import numpy as np
 import pytest
 
-from detector.metrics import coco_evaluate, load_ground_truth
+from detector.metrics import coco_evaluate, confusion_matrix, load_ground_truth
 
 
 @pytest.fixture()
@@ -24,6 +25,16 @@ def ground_truth(tmp_path):
 
 
 NAMES = {3: "cat", 7: "dog"}
+
+
+def _three_images(tmp_path, annotations: list[dict]):
+    """A COCO JSON of images 1-3 (100 x 100) with `annotations` of cats (3), dogs (7) and birds (9)."""
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in (1, 2, 3)],
+            "annotations": annotations,
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 9, "name": "bird"}]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(data))
+    return path
 
 
 def test_perfect_detections_score_one(ground_truth):
@@ -61,20 +72,14 @@ def test_no_detections_give_zero_but_still_count_the_ground_truth(ground_truth):
 
 
 def test_the_per_class_table_counts_each_class_in_the_evaluated_images_only(tmp_path):
-    data = {
-        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in (1, 2, 3)],
-        "annotations": [
+    path = _three_images(tmp_path, [
             {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40]},
             {"id": 2, "image_id": 1, "category_id": 3, "bbox": [60, 60, 20, 20]},
             {"id": 3, "image_id": 2, "category_id": 3, "bbox": [10, 10, 30, 40]},
             {"id": 4, "image_id": 2, "category_id": 3, "bbox": [0, 0, 90, 90], "iscrowd": 1, "area": 8100},
             {"id": 5, "image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20]},
             {"id": 6, "image_id": 3, "category_id": 9, "bbox": [50, 20, 20, 20]},  # image 3 is not evaluated
-        ],
-        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 9, "name": "bird"}],
-    }
-    path = tmp_path / "gt.json"
-    path.write_text(json.dumps(data))
+    ])
     # Both cats of image 1 found, the cat of image 2 missed, the dog found.
     detections = [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40], "score": 0.9},
                   {"image_id": 1, "category_id": 3, "bbox": [60, 60, 20, 20], "score": 0.8},
@@ -93,3 +98,43 @@ def test_the_per_class_table_counts_each_class_in_the_evaluated_images_only(tmp_
     assert overall.split()[:3] == ["all", "2", "4"] and [row.split()[:3] for row in rows] == [
         ["cat", "2", "3"], ["dog", "1", "1"]]
     assert len(metrics.table()) == 2  # per-epoch validation: the header and the row of all classes
+
+
+def test_the_confusion_matrix_pairs_each_object_with_one_detection_whatever_its_class(tmp_path):
+    path = _three_images(tmp_path, [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40]},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [60, 60, 20, 20]},
+            {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 100, 100], "iscrowd": 1},
+            {"id": 4, "image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20]},
+            {"id": 5, "image_id": 2, "category_id": 9, "bbox": [10, 10, 20, 20]},  # bird: not a class here
+            {"id": 6, "image_id": 3, "category_id": 3, "bbox": [10, 10, 20, 20]},  # image 3 is not evaluated
+    ])
+    detections = [
+        {"image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40], "score": 0.6},   # the cat, as a cat
+        {"image_id": 1, "category_id": 3, "bbox": [12, 10, 30, 40], "score": 0.9},   # the same cat again (IoU 0.88)
+        {"image_id": 1, "category_id": 3, "bbox": [61, 60, 20, 20], "score": 0.7},   # the dog, as a cat
+        {"image_id": 1, "category_id": 7, "bbox": [80, 0, 10, 10], "score": 0.5},    # a dog where nothing is
+        {"image_id": 1, "category_id": 7, "bbox": [0, 80, 10, 10], "score": 0.1},    # below conf 0.25: left out
+        {"image_id": 2, "category_id": 9, "bbox": [10, 10, 20, 20], "score": 0.9},   # a bird: left out
+        {"image_id": 2, "category_id": 3, "bbox": [50, 20, 20, 30], "score": 0.8},   # IoU 0.67 with the dog
+        {"image_id": 3, "category_id": 3, "bbox": [10, 10, 20, 20], "score": 0.9},   # image not evaluated
+    ]
+    names = {3: "cat", 7: "dog"}
+    cat, dog, background = 0, 1, 2
+    expected = np.zeros((3, 3), np.int64)  # [predicted, true]
+    expected[cat, cat] = 1          # the cat, paired with one of its two detections
+    expected[cat, background] = 1   # the duplicate
+    expected[cat, dog] = 2          # both dogs detected as cats
+    expected[dog, background] = 1
+    assert (confusion_matrix(load_ground_truth(path), detections, [1, 2], [3, 7]) == expected).all()
+    strict = confusion_matrix(load_ground_truth(path), detections, [1, 2], [3, 7], iou=0.7)
+    assert (strict[:, dog] == [1, 0, 1]).all() and strict[cat, background] == 2  # image 2's dog missed now
+    metrics = coco_evaluate(load_ground_truth(path), detections, [1, 2], names)
+    assert (metrics.confusion == expected).all() and metrics.confusion_labels == ["cat", "dog", "background"]
+    # Each true class's column counts its instances.
+    instances = [metrics.per_class[name].instances for name in ("cat", "dog")]
+    assert list(metrics.confusion[:, :background].sum(axis=0)) == instances
+    assert metrics.details()["confusion_matrix"] == {"cat": {"cat": 1}, "dog": {"cat": 2},
+                                                    "background": {"cat": 1, "dog": 1}}
+    nothing = coco_evaluate(load_ground_truth(path), [], [1, 2], names)
+    assert nothing.details()["confusion_matrix"] == {"cat": {"background": 1}, "dog": {"background": 2}}

@@ -139,3 +139,19 @@ def test_pr_curves_draw_the_mean_of_the_classes_as_the_thick_blue_line(tmp_path)
     many = {f"class {i}": np.linspace(1, 0, 101) for i in range(30)}  # too many classes to name: no legend rows
     assert _read_png(plots.plot_pr_curves(many, tmp_path / "many.png")).shape[:2] == (600, 600)
     assert _no_temp_files(tmp_path)
+
+
+def test_confusion_matrix_puts_true_classes_across_and_predictions_down(tmp_path):
+    def dark_cells_slope(matrix, name):
+        image = _read_png(plots.plot_confusion_matrix(matrix, ["a", "b", "c"], tmp_path / name))
+        left = image[:, : image.shape[1] * 3 // 4]  # the colour bar on the right is dark at its top too
+        rows, columns = np.nonzero((left[:, :, 2] < 60) & (left[:, :, 0] > 80))  # BGR: Blues' darkest cells
+        return np.corrcoef(columns, rows)[0, 1]
+
+    diagonal = np.diag([50, 40, 0])  # every object found as its own class
+    assert dark_cells_slope(diagonal, "diagonal.png") > 0.5  # rows grow downwards: top-left to bottom-right
+    swapped = np.array([[0, 50, 0], [40, 0, 0], [0, 0, 0]])  # every a detected as b and every b as a
+    assert dark_cells_slope(swapped, "swapped.png") < -0.5
+    with pytest.raises(ValueError, match="shape"):
+        plots.plot_confusion_matrix(diagonal, ["a", "b"], tmp_path / "bad.png")
+    assert _no_temp_files(tmp_path)

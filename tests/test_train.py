@@ -92,7 +92,8 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     again = Model(str(best)).val(data=args["data"], workers=0)
     assert again["metrics/mAP50-95"] == pytest.approx(api_metrics["metrics/mAP50-95"], abs=1e-6)
     for name in ("args.yaml", "results.csv", "weights/last.pt", "weights/best.pt", "train.log", "results.png",
-                 "labels.png", "train_batch0.jpg", "PR_curve.png", "val_batch0_labels.jpg", "val_batch0_pred.jpg"):
+                 "labels.png", "train_batch0.jpg", "PR_curve.png", "confusion_matrix.png", "val_batch0_labels.jpg",
+                 "val_batch0_pred.jpg"):
         assert (tmp_path / "api" / name).is_file(), name
     assert not (tmp_path / "cli" / "PR_curve.png").exists()  # plots=false
     # The final validation's per-class table: in metrics.json and the log, one row per class with ground truth.
@@ -102,6 +103,9 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     assert sum(row["instances"] for row in per_class.values()) == len(annotations["annotations"])
     assert set(per_class) == {"circle", "rectangle", "triangle", "star"}
     assert np.mean([row["map50_95"] for row in per_class.values()]) == pytest.approx(saved["metrics/mAP50-95"])
+    # Its confusion matrix, by true class: each class's objects, whatever they were detected as or missed.
+    assert {name: sum(row.values()) for name, row in saved["confusion_matrix"].items() if name in per_class} == {
+        name: row["instances"] for name, row in per_class.items()}
     log = (tmp_path / "api" / "train.log").read_text()
     assert all(f"INFO detector.trainer: {name} " in log for name in per_class)
 
