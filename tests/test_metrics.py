@@ -73,12 +73,12 @@ def test_no_detections_give_zero_but_still_count_the_ground_truth(ground_truth):
 
 def test_the_per_class_table_counts_each_class_in_the_evaluated_images_only(tmp_path):
     path = _three_images(tmp_path, [
-            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40]},
-            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [60, 60, 20, 20]},
-            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [10, 10, 30, 40]},
-            {"id": 4, "image_id": 2, "category_id": 3, "bbox": [0, 0, 90, 90], "iscrowd": 1, "area": 8100},
-            {"id": 5, "image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20]},
-            {"id": 6, "image_id": 3, "category_id": 9, "bbox": [50, 20, 20, 20]},  # image 3 is not evaluated
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [60, 60, 20, 20]},
+        {"id": 3, "image_id": 2, "category_id": 3, "bbox": [10, 10, 30, 40]},
+        {"id": 4, "image_id": 2, "category_id": 3, "bbox": [0, 0, 90, 90], "iscrowd": 1, "area": 8100},
+        {"id": 5, "image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20]},
+        {"id": 6, "image_id": 3, "category_id": 9, "bbox": [50, 20, 20, 20]},  # image 3 is not evaluated
     ])
     # Both cats of image 1 found, the cat of image 2 missed, the dog found.
     detections = [{"image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40], "score": 0.9},
@@ -102,12 +102,12 @@ def test_the_per_class_table_counts_each_class_in_the_evaluated_images_only(tmp_
 
 def test_the_confusion_matrix_pairs_each_object_with_one_detection_whatever_its_class(tmp_path):
     path = _three_images(tmp_path, [
-            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40]},
-            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [60, 60, 20, 20]},
-            {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 100, 100], "iscrowd": 1},
-            {"id": 4, "image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20]},
-            {"id": 5, "image_id": 2, "category_id": 9, "bbox": [10, 10, 20, 20]},  # bird: not a class here
-            {"id": 6, "image_id": 3, "category_id": 3, "bbox": [10, 10, 20, 20]},  # image 3 is not evaluated
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40]},
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [60, 60, 20, 20]},
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 100, 100], "iscrowd": 1},
+        {"id": 4, "image_id": 2, "category_id": 7, "bbox": [50, 20, 20, 20]},
+        {"id": 5, "image_id": 2, "category_id": 9, "bbox": [10, 10, 20, 20]},  # bird: not a class here
+        {"id": 6, "image_id": 3, "category_id": 3, "bbox": [10, 10, 20, 20]},  # image 3 is not evaluated
     ])
     detections = [
         {"image_id": 1, "category_id": 3, "bbox": [10, 10, 30, 40], "score": 0.6},   # the cat, as a cat
