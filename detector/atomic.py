@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -19,11 +19,14 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
     The temp file is in the same folder (a rename is atomic only within one file system) and is
     removed if `write` raises. The folder is fsynced after the rename, so the new name survives a
-    power cut as well as a killed process.
+    power cut as well as a killed process. The file gets the mode open() would give it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp_name = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # Not tempfile.mkstemp: it creates the file 0600. Asking for 0666 lets the kernel apply the umask (and a
+    # folder's default ACL) as it does for open(), without os.umask, which would change it for every thread.
+    handle = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)

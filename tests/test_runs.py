@@ -1,5 +1,8 @@
-"""Process settings of a run: the device a spelling names, and freed host memory kept by malloc for reuse."""
+"""Process settings of a run: the device a spelling names, freed host memory kept by malloc for reuse, and the
+files a run writes."""
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -97,3 +100,19 @@ def test_device_spellings_resolve_to_one_gpu_or_fail_in_one_line(monkeypatch):
         select_device("2")
     with pytest.raises(ConfigError, match="invalid value device='gpu'"):
         select_device("gpu")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=oct)
+def test_atomic_writes_get_the_mode_open_gives(umask, expected, tmp_path):
+    from detector.atomic import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "args.yaml", "epochs: 1\n")
+        (tmp_path / "train.log").write_text("plain open()\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "args.yaml").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "train.log").stat().st_mode) == expected
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
