@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from detector.errors import DetectorError
+
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`.
@@ -20,8 +22,12 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
     The temp file is in the same folder (a rename is atomic only within one file system) and is
     removed if `write` raises. The folder is fsynced after the rename, so the new name survives a
     power cut as well as a killed process. The file gets the mode open() would give it.
+
+    Raises:
+        DetectorError: `path` is a folder, or a file sits where one of its folders should be.
     """
     path = Path(path)
+    check_file_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_name = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     # Not tempfile.mkstemp: it creates the file 0600. Asking for 0666 lets the kernel apply the umask (and a
@@ -42,6 +48,23 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` as UTF-8 to `path` atomically (see atomic_write_bytes)."""
     atomic_write_bytes(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def check_file_path(path: Path) -> None:
+    """Raise DetectorError when `path` cannot become a file: it is a folder, or a file sits where one of its
+    folders should be. A long job (an export, a conversion) calls it first, so it fails before its work."""
+    path = Path(path)
+    if path.is_dir():
+        raise DetectorError(f"cannot write {path}: it is a folder; give a file path")
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise DetectorError(f"cannot write {path}: {blocker} is a file, not a folder; give another path")
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The first of `folder` and its parents that exists and is not a folder, or None."""
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.atomic import atomic_write_bytes
+from detector.atomic import atomic_write_bytes, check_file_path
 from detector.errors import DetectorError
 from detector.postprocess import decode
 
@@ -59,13 +59,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: int, names: l
         opset: ONNX opset version.
 
     Raises:
-        DetectorError: onnx is not installed, or the exported graph fails onnx's checker.
+        DetectorError: onnx is not installed, `path` is a folder (or lies inside a file), or the exported
+            graph fails onnx's checker.
     """
     onnx = _require("onnx")
+    path = Path(path)
+    check_file_path(path)  # before the export's work, not after it
     fused = DecodedDetector(model.fused_copy().cpu())
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: a traced batch of 1 could be folded in
     dynamic = {name: {0: "batch"} for name in (INPUT, *OUTPUTS)}
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.export")
     try:

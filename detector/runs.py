@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from detector.atomic import file_in_the_way
 from detector.distributed import physical_core_share
 from detector.errors import ConfigError
 
@@ -17,8 +18,20 @@ logger = logging.getLogger("detector")
 
 
 def make_run_dir(project: str, name: str, exist_ok: bool) -> Path:
-    """project/name, or project/name2, name3, ... so an earlier run is never overwritten."""
+    """project/name, or project/name2, name3, ... so an earlier run is never overwritten.
+
+    Raises:
+        ConfigError: a file sits where project, one of its parents or (with exist_ok) project/name should be.
+    """
     base = Path(project) / name
+    blocker = file_in_the_way(base if exist_ok else base.parent)  # without exist_ok a file at base means name2
+    if blocker == base:
+        raise ConfigError(f"run folder {base} is a file, not a folder: pick another name= or project=")
+    if blocker == Path(project):
+        raise ConfigError(f"project={project} is a file, not a folder: give project= a folder for the runs")
+    if blocker is not None:
+        raise ConfigError(f"project={project} lies inside {blocker}, which is a file, not a folder: "
+                          "give project= a folder for the runs")
     if exist_ok:
         base.mkdir(parents=True, exist_ok=True)
         return base

@@ -17,6 +17,13 @@ def run_cli(*args, env=None, cwd=None):
                           timeout=300, env=env, cwd=cwd or REPO)
 
 
+def run_detector(*args, cwd=None):
+    """The `detector` console script of this checkout (train.py runs train only)."""
+    command = "import sys; from detector.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", command, *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd or REPO)
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["epcohs=3"], "did you mean epochs"),
     (["batch=abc"], "batch='abc'"),
@@ -83,3 +90,26 @@ def test_broken_data_gives_one_clear_line_and_leaves_no_run_folder(problem, expe
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in result.stdout
     assert not runs.exists()  # nothing written for a rejected run
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr[-1500:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-1500:]
+    return errors[0]
+
+
+def test_output_paths_of_the_wrong_kind_give_one_line_naming_them(tmp_path):
+    data_arg = _broken_dataset(tmp_path / "data", "none")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    line = _one_error_line(run_cli(data_arg, f"project={notes}", "imgsz=64", "workers=0", cwd=tmp_path))
+    assert line.startswith(f"error: project={notes} is a file, not a folder: ")
+
+    (tmp_path / "names.yaml").write_text("names: [thing]")
+    folder = tmp_path / "out.json"
+    folder.mkdir()
+    line = _one_error_line(run_detector("convert", f"images={tmp_path / 'data' / 'images'}", f"labels={tmp_path}",
+                                   f"out={folder}", f"names={tmp_path / 'names.yaml'}"))
+    assert line == f"error: cannot write {folder}: it is a folder; give a file path"
+    assert not any(folder.iterdir())

@@ -1,5 +1,6 @@
 """ONNX export: dynamic batch, metadata, and onnxruntime predictions equal to PyTorch's on coco8's val images."""
 
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,19 @@ def test_an_onnx_model_predicts_only_and_says_so(exported, coco8_checkpoint):
         onnx_model.predict(np.zeros((32, 32, 3), np.uint8), imgsz=320)
     with pytest.raises(ConfigError, match="format='tflite'"):
         Model(coco8_checkpoint).export(format="tflite")
+
+
+def test_export_to_a_folder_or_inside_a_file_names_the_path_before_exporting(coco8_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: pytest.fail("exported before the check"))
+    folder = tmp_path / "tiny.onnx"
+    folder.mkdir()
+    with pytest.raises(DetectorError, match=f"^cannot write {re.escape(str(folder))}: it is a folder; "):
+        Model(coco8_checkpoint).export(file=folder)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    with pytest.raises(DetectorError, match=f"^cannot write .*: {re.escape(str(notes))} is a file, not a folder"):
+        Model(coco8_checkpoint).export(file=notes / "tiny.onnx")
 
 
 def run_cli(*args):

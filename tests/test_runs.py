@@ -2,6 +2,7 @@
 files a run writes."""
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -116,3 +117,38 @@ def test_atomic_writes_get_the_mode_open_gives(umask, expected, tmp_path):
     assert stat.S_IMODE((tmp_path / "args.yaml").stat().st_mode) == expected
     assert stat.S_IMODE((tmp_path / "train.log").stat().st_mode) == expected
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_file_where_a_run_folder_should_be_is_one_config_error_naming_it(tmp_path):
+    from detector.errors import ConfigError
+    from detector.runs import make_run_dir
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"^project={re.escape(str(notes))} is a file, not a folder: "):
+        make_run_dir(str(notes), "train", False)
+    with pytest.raises(ConfigError, match=f"^project={re.escape(str(notes / 'runs'))} lies inside "
+                                          f"{re.escape(str(notes))}, which is a file, not a folder: "):
+        make_run_dir(str(notes / "runs"), "train", True)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "train").write_text("a file named like the run")
+    with pytest.raises(ConfigError, match=f"^run folder {re.escape(str(runs / 'train'))} is a file, not a folder"):
+        make_run_dir(str(runs), "train", True)
+    assert make_run_dir(str(runs), "train", False) == runs / "train2"  # without exist_ok the next name is taken
+
+
+def test_atomic_write_over_a_folder_or_inside_a_file_names_the_path(tmp_path):
+    from detector.atomic import atomic_write_text
+    from detector.errors import DetectorError
+
+    folder = tmp_path / "out.json"
+    folder.mkdir()
+    with pytest.raises(DetectorError, match=f"^cannot write {re.escape(str(folder))}: it is a folder; "):
+        atomic_write_text(folder, "{}")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    with pytest.raises(DetectorError, match=f"^cannot write {re.escape(str(notes / 'sub' / 'out.json'))}: "
+                                            f"{re.escape(str(notes))} is a file, not a folder; "):
+        atomic_write_text(notes / "sub" / "out.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out.json"] and not any(folder.iterdir())

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from detector.atomic import atomic_write_text
+from detector.atomic import atomic_write_text, check_file_path
 from detector.data.coco import probe_image
 from detector.errors import DataError
 
@@ -71,8 +71,10 @@ def yolo_to_coco(images_dir: Path, labels_dir: Path, out_json: Path, names: list
 
     Raises:
         DataError: No images, a malformed label line or an unreadable image.
+        DetectorError: out_json is a folder (or lies inside a file).
     """
     images_dir, labels_dir, out_json = Path(images_dir), Path(labels_dir), Path(out_json)
+    check_file_path(out_json)  # before reading every image, not after
     files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images found in {images_dir}; expected .jpg/.png files")
