@@ -62,20 +62,29 @@ def _run(command: str, argv: list[str]) -> int:
 
 
 def _pairs(argv: list[str], allowed: set[str], command: str) -> dict[str, str]:
+    _require_key_value(argv, command)
     pairs = {}
     for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in allowed:
-            raise DetectorError(f"'{arg}' is not a {command} argument: expected key=value with key in "
+        key, _, value = arg.partition("=")
+        if key not in allowed:
+            raise DetectorError(f"unknown {command} argument '{arg}': expected key=value with key in "
                                 f"{', '.join(sorted(allowed))}")
         pairs[key] = value
     return pairs
+
+
+def _require_key_value(argv: list[str], command: str) -> None:
+    # As train's parse_cli does: a bare word would otherwise become a key with an empty value.
+    for arg in argv:
+        if "=" not in arg:
+            raise DetectorError(f"argument '{arg}' is not key=value; run 'detector help' for the {command} arguments")
 
 
 def _inference(command: str, argv: list[str]) -> int:
     from detector.api import Model
     from detector.runs import setup_logging
 
+    _require_key_value(argv, command)
     setup_logging()
     args = {k: v for k, v in (a.partition("=")[::2] for a in argv)}
     if "model" not in args:

@@ -53,21 +53,26 @@ def list_files(source: str | Path) -> list[Path]:
     """Image and video files of a file, a folder (sorted, not recursive) or a glob pattern.
 
     Raises:
-        DataError: the source does not exist or holds no image or video.
+        DataError: the source is empty, does not exist, is a file of another kind or holds no image or video.
     """
     text = str(source)
+    suffixes = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    if not text:  # Path("") is the current folder, which the user did not name
+        raise DataError("predict source is empty: give an image, a video, a folder or a glob pattern")
     if any(ch in text for ch in "*?["):
         paths = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
     elif Path(text).is_dir():
         paths = sorted(Path(text).iterdir())
     elif Path(text).is_file():
+        if Path(text).suffix.lower() not in suffixes:
+            raise DataError(f"predict source {text} is not an image or video file: expected one of "
+                            f"{', '.join(sorted(suffixes))}")
         paths = [Path(text)]
     else:
         raise DataError(f"predict source {text} does not exist: give an image, a video, a folder or a glob pattern")
-    files = [p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
+    files = [p for p in paths if p.suffix.lower() in suffixes]
     if not files:
-        raise DataError(f"predict source {text} holds no images or videos "
-                        f"({', '.join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))})")
+        raise DataError(f"predict source {text} holds no images or videos ({', '.join(sorted(suffixes))})")
     return files
 
 

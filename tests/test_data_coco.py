@@ -103,6 +103,13 @@ def test_boxes_are_clipped_and_degenerate_ones_dropped_with_one_warning(tmp_path
     assert dataset.names == ["dog", "cat"] and dataset.category_ids == [3, 7]
 
 
+def test_one_dropped_box_is_a_box(tmp_path, caplog):
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [10, 10, 0, 20]), _ann(2, [2, 3, 10, 20])])
+    with caplog.at_level(logging.WARNING, logger="detector.data.coco"):
+        CocoDataset(images_dir, json_path)
+    assert [r.getMessage() for r in caplog.records] == [f"{json_path.name}: dropped 1 box (1 degenerate)"]
+
+
 def test_json_missing_images_raises_naming_the_file(tmp_path):
     json_path = tmp_path / "broken.json"
     json_path.write_text(json.dumps({"annotations": [], "categories": []}))

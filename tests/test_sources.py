@@ -108,6 +108,18 @@ def test_bad_sources_are_named(source, message):
         list(open_source(source))
 
 
+def test_an_empty_source_or_a_file_of_another_kind_says_what_is_wrong(tmp_path):
+    with pytest.raises(DataError, match="^predict source is empty: give an image, a video, a folder or a glob"):
+        open_source("")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    with pytest.raises(DataError, match=f"^predict source {notes} is not an image or video file: expected one of "
+                                        r"\.avi, \.bmp, "):
+        open_source(str(notes))
+    with pytest.raises(DataError, match=f"^predict source {tmp_path} holds no images or videos"):
+        open_source(tmp_path)
+
+
 def test_a_folder_without_images_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="holds no images or videos"):

@@ -282,7 +282,8 @@ class CocoDataset:
     def _warn_dropped(self, counts: dict[str, int]) -> None:
         dropped = {k: v for k, v in counts.items() if v and k != "crowd"}
         if dropped:
-            logger.warning("%s: dropped %d boxes (%s)", self.annotation_json.name, sum(dropped.values()),
+            total = sum(dropped.values())
+            logger.warning("%s: dropped %d %s (%s)", self.annotation_json.name, total, "box" if total == 1 else "boxes",
                            ", ".join(f"{v} {k}" for k, v in dropped.items()))
         if counts["crowd"]:
             logger.info("%s: %d crowd boxes not trained on", self.annotation_json.name, counts["crowd"])
