@@ -29,19 +29,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             arbitrary code to load (a pickle from an untrusted source, or another trainer's format).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DetectorError(f"checkpoint {path} is a folder: give a .pt file, e.g. {path / 'weights' / 'last.pt'}")
     if not path.is_file():
         raise DetectorError(f"checkpoint {path} does not exist: check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DetectorError(f"checkpoint {path} was refused: it holds objects other than plain data "
-                            f"({first_line}); only checkpoints written by this package load") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise DetectorError(f"checkpoint {path} is not readable ({err}); is it truncated or not a .pt?") from err
+        raise DetectorError(f"checkpoint {path} was refused: it holds objects other than plain data"
+                            f"{_refused_object(err)}; only checkpoints written by this package load") from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for files that are no checkpoint
+        reason = "the file is empty" if path.stat().st_size == 0 else _first_sentence(err)
+        raise DetectorError(f"checkpoint {path} is not readable ({reason}); is it truncated or not a .pt?") from err
     if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
         raise DetectorError(f"checkpoint {path} is not a detector checkpoint (no model/model_args entries)")
     return state
+
+
+def _refused_object(err: Exception) -> str:
+    """The line of torch's refusal that names the object, without its advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    named = [line for line in lines if line.startswith(("Trying to load", "Unsupported"))]
+    return f" ({named[0]})" if named else ""
+
+
+def _first_sentence(err: Exception) -> str:
+    text = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
+    return text if len(text) > 3 else f"{type(err).__name__} {text}".strip()
 
 
 def rng_state() -> dict[str, Any]:

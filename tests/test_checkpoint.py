@@ -43,7 +43,8 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, writer)
         torch.save(payload, path)  # a real checkpoint file (zip) holding the hostile object
     with pytest.raises(DetectorError, match="refused: it holds objects other than plain data") as caught:
         load_checkpoint(path)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+    assert "weights_only" not in str(caught.value)  # torch's advice to load it anyway is not passed on
     # Every way a user hands us a checkpoint goes through the same check.
     with pytest.raises(DetectorError, match="refused"):
         Model(str(path))
@@ -69,6 +70,14 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(DetectorError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("hello\n")  # torch's fallback to its old format raises a KeyError here
+    with pytest.raises(DetectorError, match=r"text.pt is not readable \(KeyError"):
+        load_checkpoint(tmp_path / "text.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(DetectorError, match=r"not readable \(the file is empty\)"):
+        load_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(DetectorError, match="is a folder: give a .pt file, e.g. .*last.pt"):
+        load_checkpoint(tmp_path)
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path):
