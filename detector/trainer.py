@@ -37,7 +37,6 @@ from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
 from detector.engine import LoopState, StepContext, plot_validation, predict_loader, train_one_epoch
-from detector.errors import ConfigError
 from detector.interrupt import StopRequest
 from detector.loss import DetectionLoss
 from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
@@ -45,6 +44,7 @@ from detector.model import Detector, build_model
 from detector.optim import ModelEMA, Schedule, build_optimizer
 from detector.plan import Plan, auto_batch, make_plan
 from detector.plots import plot_batch, plot_labels, plot_results
+from detector.resume import resume_checkpoint
 from detector.runs import make_run_dir, select_device, set_threads, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -56,28 +56,11 @@ def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | 
     Returns the config, the data card and, on resume, the checkpoint to continue from.
     """
     select_device(make_config(overrides).device)  # fail on a bad value before any data is touched
-    checkpoint, ckpt_args = None, {}
-    resume = overrides.get("resume")
-    if resume not in (None, False, "", "false", "False"):
-        last = find_last_checkpoint(str(resume), overrides)
-        checkpoint = load_checkpoint(last)
-        ckpt_args = dict(checkpoint["config"], exist_ok=True, resume=str(last))
-        overrides = {k: v for k, v in overrides.items() if k in ("device", "workers", "threads", "epochs")}
+    checkpoint, ckpt_args, overrides = resume_checkpoint(overrides)
     data_spec = overrides.get("data", ckpt_args.get("data", load_defaults()["data"]))
     card = load_data_card(str(data_spec))
     config = make_config(card.settings, ckpt_args, overrides)
     return config, card, checkpoint
-
-
-def find_last_checkpoint(resume: str, overrides: dict[str, Any]) -> Path:
-    if resume.lower() not in ("true", "1", "yes"):
-        return Path(resume)
-    defaults = load_defaults()
-    run = Path(overrides.get("project", defaults["project"])) / str(overrides.get("name", defaults["name"]))
-    last = run / "weights" / "last.pt"
-    if not last.is_file():
-        raise ConfigError(f"resume=true but {last} does not exist: give resume=<path to last.pt>")
-    return last
 
 
 def build_detector(config: Config, num_classes: int, checkpoint: dict | None) -> Detector:

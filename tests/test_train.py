@@ -14,6 +14,7 @@ import torch
 from detector import Model
 from detector.checkpoint import load_checkpoint
 from detector.data.coco import CocoDataset
+from detector.errors import ConfigError
 from detector.trainer import Trainer, train
 from tests.conftest import REPO, make_tiny_setup
 
@@ -48,7 +49,7 @@ def final_weights(run_dir):
     return load_checkpoint(run_dir / "weights" / "last.pt")["raw_model"]
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_path, monkeypatch, capfd):
     args = settings(tiny_setup, tmp_path, epochs=3, val=False)
     train({**args, "name": "straight"}, progress=False)
 
@@ -71,6 +72,19 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_pat
         assert torch.allclose(value.float(), resumed[key].float(), atol=1e-6), key
     rows = list(csv.DictReader(open(tmp_path / "broken" / "results.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+    # The finished run: resuming it is refused, from best.pt too; epochs=4 trains it one epoch longer.
+    last = tmp_path / "straight" / "weights" / "last.pt"
+    with pytest.raises(ConfigError, match="already finished its 3 epochs: give epochs=N with N > 3"):
+        train({"resume": True, "project": str(tmp_path), "name": "straight"}, progress=False)
+    with pytest.raises(ConfigError, match="best.pt holds no training state"):
+        train({"resume": str(last.with_name("best.pt"))}, progress=False)
+    capfd.readouterr()
+    Model(str(last)).train(resume=True, epochs=4, imgsz=160, batch=8.0)
+    warning = [line for line in capfd.readouterr().err.splitlines() if line.startswith("resume continues")]
+    assert warning == ["resume continues the run as it was configured; ignored imgsz=160 (only device, workers, "
+                       "threads, epochs can change)"]  # not batch=8.0: the value it had, spelled differently
+    assert load_checkpoint(last)["epoch"] == 4 and load_checkpoint(last)["config"]["imgsz"] == 128
 
 
 def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tiny_setup, tmp_path):
