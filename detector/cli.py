@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except DetectorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: weights/last.pt of the run holds the progress saved last; continue with resume=true",
+    except KeyboardInterrupt as err:
+        # A training stopped by a signal saved last.pt and says so in its message; a bare Ctrl-C saved nothing.
+        print(f"interrupted: {err}; last.pt holds it, continue with resume=true" if err.args else "interrupted",
               file=sys.stderr)
         return 130
 

@@ -126,6 +126,9 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "degrees": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
     "shear": (lambda v: 0 <= v <= 90, "a number of degrees in [0, 90]"),
     "name": (lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a folder name without '/'"),
+    "project": (lambda v: bool(v.strip()), "a folder path (runs go in project/name)"),
+    "data": (lambda v: bool(v.strip()), "a data card: a name in data/, a YAML path or a COCO JSON path"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1"),
 }
 for _key in ("box", "cls", "dfl"):
     _CHECKS[_key] = (lambda v: 0 <= v <= 100, "a number in [0, 100]")

@@ -32,6 +32,8 @@ def run_detector(*args, cwd=None):
     (["imgsz=-1"], "imgsz='-1'"),
     (["epochs"], "not key=value"),
     (["device=7"], "device=7"),
+    (["seed=-1"], "seed='-1': expected an integer from 0"),
+    (["data="], "data='': expected a data card"),
 ])
 def test_bad_arguments_give_one_clear_line(args, expected, tmp_path):
     result = run_cli(*args, f"project={tmp_path}", cwd=tmp_path)
@@ -40,6 +42,17 @@ def test_bad_arguments_give_one_clear_line(args, expected, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
     assert not any(tmp_path.iterdir())  # nothing written for a rejected command
+
+
+def test_a_bare_ctrl_c_says_nothing_was_saved(monkeypatch, capsys):
+    from detector import cli
+
+    def interrupted(command, argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["predict", "model=best.pt"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"  # no last.pt to resume from is claimed
 
 
 def test_help_lists_every_setting():

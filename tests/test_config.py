@@ -34,6 +34,7 @@ def test_batch_semantics(batch, fraction):
     (["batch=-2"], ["batch='-2'", "whole number"]),
     (["batch=1.5"], ["batch='1.5'"]),
     (["imgsz=-1"], ["imgsz='-1'", "32"]),
+    (["project= "], ["project=' '", "folder path"]),
     (["epochs=2.5"], ["epochs='2.5'", "integer"]),
     (["amp=maybe"], ["amp='maybe'", "true or false"]),
     (["lr0=nan"], ["lr0='nan'"]),
