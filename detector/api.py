@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from detector.atomic import file_in_the_way
 from detector.checkpoint import load_checkpoint
 from detector.config import make_config
 from detector.data.augment import round_image_size
@@ -123,6 +124,9 @@ class Model:
         """
         if max_wait_ms is not None and not max_wait_ms >= 0:
             raise ConfigError(f"invalid value max_wait_ms={max_wait_ms!r}: expected milliseconds >= 0 or None")
+        blocker = None if save_dir is None else file_in_the_way(Path(save_dir))
+        if blocker is not None:
+            raise ConfigError(f"save_dir={save_dir} cannot be a folder: {blocker} is a file; give save_dir= a folder")
         settings = make_config({"imgsz": imgsz or self._trained_size(), "batch": batch, "conf": conf, "iou": iou,
                                 "max_det": max_det, "device": device})
         device = select_device(settings.device)

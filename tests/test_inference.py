@@ -197,3 +197,13 @@ def test_the_validation_pictures_show_the_ground_truth_and_the_detections_above_
     assert np.array_equal(nothing, bare) and np.abs(labels - bare).mean() > 1  # coco8's boxes are drawn
     _, everything = pictures(0.0)  # every class of every anchor passes, up to 300 per image
     assert np.abs(everything - bare).mean() > np.abs(labels - bare).mean()
+
+
+def test_save_dir_where_a_file_sits_is_one_config_error_naming_it(coco8_checkpoint, tmp_path):
+    from detector.errors import ConfigError
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    for save_dir in (notes, notes / "drawn"):
+        with pytest.raises(ConfigError, match=f"^save_dir={save_dir} cannot be a folder: {notes} is a file; "):
+            Model(coco8_checkpoint).predict(np.zeros((32, 32, 3), np.uint8), save_dir=save_dir)
