@@ -32,7 +32,7 @@ from detector.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from detector.config import Config, load_defaults, make_config
+from detector.config import Config, check_keys, load_defaults, make_config
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
@@ -59,6 +59,7 @@ def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | 
     checkpoint, ckpt_args, overrides = resume_checkpoint(overrides)
     data_spec = overrides.get("data", ckpt_args.get("data", load_defaults()["data"]))
     card = load_data_card(str(data_spec))
+    check_keys(card.settings, source=f"key in data card {data_spec}:")  # a card's other keys are settings
     config = make_config(card.settings, ckpt_args, overrides)
     return config, card, checkpoint
 

@@ -66,6 +66,25 @@ def test_user_card_settings_and_default_json_names(tmp_path, datasets_dir):
     assert len(card.names) == 80 and card.names[0] == "person"  # from the JSON's categories
 
 
+def test_an_ultralytics_card_without_path_is_its_own_folder(tmp_path, datasets_dir):
+    """Ultralytics' own coco8.yaml (path: empty, test: empty) beside a copy of its dataset: that copy is used."""
+    shutil.copytree(datasets_dir / "coco8", tmp_path / "elsewhere" / "coco8")
+    card = load_data_card(tmp_path / "elsewhere" / "coco8" / "coco8.yaml", datasets_dir)
+    assert card.root == tmp_path / "elsewhere" / "coco8"  # not datasets_dir / coco8, the other copy
+    assert card.train_json.is_file() and card.settings == {} and card.names == COCO80_NAMES
+    absent = _write_card(tmp_path / "elsewhere" / "coco8" / "nopath.yaml", train="images/train", val="images/val")
+    assert load_data_card(absent, datasets_dir).root == card.root
+
+
+def test_a_data_card_key_that_is_no_setting_names_the_card(tmp_path, datasets_dir):
+    from detector.errors import ConfigError
+    from detector.trainer import resolve_config
+
+    card = _write_card(tmp_path / "mine.yaml", path=str(datasets_dir.resolve() / "coco8"), train="images/train", foo=1)
+    with pytest.raises(ConfigError, match=f"unknown key in data card {card}: 'foo'"):
+        resolve_config({"data": str(card)})
+
+
 def test_bare_coco_json_finds_its_images(datasets_dir):
     card = load_data_card(datasets_dir / "coco8" / "annotations" / "instances_val.json")
     # Paths come back resolved, whether DETECTOR_DATASETS was given relative or absolute.

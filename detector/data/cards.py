@@ -1,8 +1,8 @@
 """Data card (YAML) -> DataCard: resolved image folders and COCO JSON files, fetched or generated if missing.
 
-A card names a dataset root (`path`, relative to the datasets dir), train/val image folders and
-their COCO JSON files. Keys a card sets that are not card keys (imgsz, epochs, ...) are training
-settings, returned in `settings` for the config to validate.
+A card names a dataset root (`path`, relative to the datasets dir; empty or absent: the card's own folder,
+as in Ultralytics cards), train/val image folders and their COCO JSON files. Keys a card sets that are not
+card keys (imgsz, epochs, ...) are training settings, returned in `settings` for the config to validate.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from detector.errors import DataError
 logger = logging.getLogger(__name__)
 
 CARD_KEYS = {"path", "train", "val", "train_json", "val_json", "names", "download", "converter", "generator",
-             "nc"}
+             "nc", "test"}  # test: an Ultralytics card's test split, not used here
 GENERATORS = ("shapes",)
 CONVERTERS = ("yolo",)
 
@@ -84,7 +84,7 @@ def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCa
         return _card_from_json(spec_path)
     card_path = _find_card(spec_path)
     raw = _read_yaml(card_path)
-    card = _resolve(card_path.stem, raw, datasets_root(datasets_dir))
+    card = _resolve(card_path.stem, raw, datasets_root(datasets_dir), card_path.parent)
     if not _dataset_present(card):
         _materialize(card, raw)
     names = card.names or _names_from_json(card.train_json)
@@ -126,14 +126,14 @@ def _default_json(folder: str) -> str:
     return f"annotations/instances_{Path(folder).name}.json"
 
 
-def _resolve(name: str, raw: dict, datasets_dir: Path) -> DataCard:
+def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
     """Card keys -> paths (nothing is checked on disk yet)."""
     train = _get_str(name, raw, "train")
     if not train:
         raise DataError(f"data card {name}: 'train' (training image folder, relative to 'path') is missing")
     val = _get_str(name, raw, "val") or train
-    root = Path(_get_str(name, raw, "path") or name).expanduser()
-    root = root if root.is_absolute() else datasets_dir / root
+    path = _get_str(name, raw, "path")
+    root = datasets_dir / Path(path).expanduser() if path else card_folder.resolve()
     for key in ("download", "converter", "generator"):
         _get_str(name, raw, key)
     if raw.get("converter") not in (None, *CONVERTERS):
