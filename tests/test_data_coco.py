@@ -110,6 +110,17 @@ def test_one_dropped_box_is_a_box(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [f"{json_path.name}: dropped 1 box (1 degenerate)"]
 
 
+def test_no_images_is_an_error_and_no_boxes_a_warning(tmp_path, caplog):
+    images_dir, json_path = _write_dataset(tmp_path / "none", [_ann(1, [2, 3, 10, 20])], sizes=())
+    with pytest.raises(DataError, match=r"instances\.json has no usable images: its 'images' list is empty"):
+        CocoDataset(images_dir, json_path)
+    images_dir, json_path = _write_dataset(tmp_path / "empty", [])
+    with caplog.at_level(logging.WARNING, logger="detector.data.coco"):
+        assert len(CocoDataset(images_dir, json_path)) == 2  # negatives only: allowed, but said
+    assert [r.getMessage() for r in caplog.records] == [
+        "instances.json has no boxes: training on it learns background only, and validating on it scores 0"]
+
+
 def test_json_missing_images_raises_naming_the_file(tmp_path):
     json_path = tmp_path / "broken.json"
     json_path.write_text(json.dumps({"annotations": [], "categories": []}))

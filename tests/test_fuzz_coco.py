@@ -122,7 +122,7 @@ def check_loads_or_raises(images_dir, tmp_path_factory, document, skip_bad):
         want = expected[image_id]
         np.testing.assert_allclose(boxes, np.array([b for b, _ in want], np.float32).reshape(-1, 4), atol=1e-4)
         assert [dataset.category_ids[c] for c in target.classes] == [c for _, c in want]
-    counted = [int(re.search(r"dropped (\d+) boxes", m).group(1)) for m in messages.messages if "dropped" in m]
+    counted = [int(re.search(r"dropped (\d+) box", m).group(1)) for m in messages.messages if "dropped" in m]
     assert counted == ([dropped] if dropped else [])
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging.handlers
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def final_weights(run_dir):
     return load_checkpoint(run_dir / "weights" / "last.pt")["raw_model"]
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_path, monkeypatch, capfd):
+def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_path, monkeypatch):
     args = settings(tiny_setup, tmp_path, epochs=3, val=False)
     train({**args, "name": "straight"}, progress=False)
 
@@ -79,11 +80,15 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_pat
         train({"resume": True, "project": str(tmp_path), "name": "straight"}, progress=False)
     with pytest.raises(ConfigError, match="best.pt holds no training state"):
         train({"resume": str(last.with_name("best.pt"))}, progress=False)
-    capfd.readouterr()
-    Model(str(last)).train(resume=True, epochs=4, imgsz=160, batch=8.0)
-    warning = [line for line in capfd.readouterr().err.splitlines() if line.startswith("resume continues")]
-    assert warning == ["resume continues the run as it was configured; ignored imgsz=160 (only device, workers, "
-                       "threads, epochs can change)"]  # not batch=8.0: the value it had, spelled differently
+    warnings = logging.handlers.BufferingHandler(10)
+    logging.getLogger("detector.resume").addHandler(warnings)
+    try:
+        Model(str(last)).train(resume=True, epochs=4, imgsz=160, batch=8.0)
+    finally:
+        logging.getLogger("detector.resume").removeHandler(warnings)
+    assert [r.getMessage() for r in warnings.buffer] == [
+        "resume continues the run as it was configured; ignored imgsz=160 (only device, workers, threads, epochs "
+        "can change)"]  # not batch=8.0: the value it had, spelled differently
     assert load_checkpoint(last)["epoch"] == 4 and load_checkpoint(last)["config"]["imgsz"] == 128
 
 

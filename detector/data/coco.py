@@ -231,9 +231,15 @@ class CocoDataset:
             self.image_ids.append(int(record["id"]))
             self.sizes.append(size)
             self.targets.append(_boxes_of(coco.imgToAnns.get(record["id"], []), class_of, *size, counts))
+        if not self.paths:
+            raise DataError(f"annotation file {self.annotation_json} has no usable images: its 'images' list is "
+                            "empty or every image was skipped; check the file and the image folder")
         known = set(coco.imgs)
         counts["unknown image"] = sum(a["image_id"] not in known for a in data["annotations"])
         self._warn_dropped(counts)
+        if not any(len(t) for t in self.targets):
+            logger.warning("%s has no boxes: training on it learns background only, and validating on it scores 0",
+                           self.annotation_json.name)
         self.max_boxes = max((len(t) for t in self.targets), default=0)
         self._cache: list[np.ndarray] | None = None
         if cache == "auto":
@@ -286,7 +292,8 @@ class CocoDataset:
             logger.warning("%s: dropped %d %s (%s)", self.annotation_json.name, total, "box" if total == 1 else "boxes",
                            ", ".join(f"{v} {k}" for k, v in dropped.items()))
         if counts["crowd"]:
-            logger.info("%s: %d crowd boxes not trained on", self.annotation_json.name, counts["crowd"])
+            logger.info("%s: %d crowd %s not trained on", self.annotation_json.name, counts["crowd"],
+                        "box" if counts["crowd"] == 1 else "boxes")
 
     def __len__(self) -> int:
         return len(self.paths)
