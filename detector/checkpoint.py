@@ -54,8 +54,9 @@ def _refused_object(err: Exception) -> str:
 
 
 def _first_sentence(err: Exception) -> str:
-    text = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
-    return text if len(text) > 3 else f"{type(err).__name__} {text}".strip()
+    """The error's type and first sentence: torch's messages go on with advice for its own developers."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.split('. ')[0].splitlines()[0]}" if text else type(err).__name__
 
 
 def rng_state() -> dict[str, Any]:

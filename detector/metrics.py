@@ -91,7 +91,7 @@ def load_ground_truth(annotation_json: Path) -> COCO:
 
 
 def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[int],
-                  names_by_category: dict[int, str]) -> DetectionMetrics:
+                  names_by_category: dict[int, str], *, confusion: bool = True) -> DetectionMetrics:
     """Run COCOeval (bbox) on `detections` for `image_ids`.
 
     Args:
@@ -100,12 +100,14 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
             in original image pixels, score.
         image_ids: the images that were evaluated (images without detections count as misses).
         names_by_category: original category id -> class name, for per-class AP.
+        confusion: also count the confusion matrix (the final validation's; each epoch's skips it).
     """
     per_class = _ground_truth_counts(ground_truth, image_ids, names_by_category)
     overall = DetectionMetrics(images=len(image_ids), instances=sum(m.instances for m in per_class.values()),
-                               per_class=per_class,
-                               confusion=confusion_matrix(ground_truth, detections, image_ids, list(names_by_category)),
-                               confusion_labels=[*names_by_category.values(), "background"])
+                               per_class=per_class)
+    if confusion:
+        overall.confusion = confusion_matrix(ground_truth, detections, image_ids, list(names_by_category))
+        overall.confusion_labels = [*names_by_category.values(), "background"]
     if not detections:
         return overall
     with contextlib.redirect_stdout(io.StringIO()):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.checkpoint import load_checkpoint
-from detector.config import load_defaults, make_config
+from detector.config import convert, load_defaults, make_config
 from detector.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -28,10 +28,10 @@ def resume_checkpoint(overrides: dict[str, Any]) -> tuple[dict | None, dict[str,
         ConfigError: no last.pt there, a checkpoint without training state (best.pt), or a finished run.
         DetectorError: the file is not a readable checkpoint.
     """
-    resume = overrides.get("resume")
-    if resume in (None, False, "", "false", "False"):
+    resume = convert("resume", overrides.get("resume"))  # "" for false, no, 0, None...
+    if not resume:
         return None, {}, overrides
-    last = find_last_checkpoint(str(resume), overrides)
+    last = find_last_checkpoint(resume, overrides)
     checkpoint = load_checkpoint(last)
     if "optimizer" not in checkpoint or "raw_model" not in checkpoint:
         raise ConfigError(f"{last} holds no training state (best.pt is for inference): resume from the run's "
@@ -41,10 +41,10 @@ def resume_checkpoint(overrides: dict[str, Any]) -> tuple[dict | None, dict[str,
     if checkpoint["epoch"] >= epochs and not settings.get("time"):
         raise ConfigError(f"the run of {last} already finished its {checkpoint['epoch']} epochs: give epochs=N "
                           f"with N > {checkpoint['epoch']} to train it longer, or start a new run")
-    configured = make_config(settings).to_dict()
-    ignored = {key: value for key, value in overrides.items() if key not in (*CHANGEABLE, *LOCATING)
-               and make_config(settings, {key: value}).to_dict()[key] != configured[key]
-               and not (key == "model" and str(value).endswith(".pt"))}  # the checkpoint itself, as the API passes it
+    fixed = {key: value for key, value in overrides.items() if key not in (*CHANGEABLE, *LOCATING)
+             and not (key == "model" and str(value).endswith(".pt"))}  # the checkpoint itself, as the API passes it
+    configured, requested = make_config(settings).to_dict(), make_config(settings, fixed).to_dict()
+    ignored = {key: value for key, value in fixed.items() if requested[key] != configured[key]}
     if ignored:
         logger.warning("resume continues the run as it was configured; ignored %s (only %s can change)",
                        " ".join(f"{k}={v}" for k, v in ignored.items()), ", ".join(CHANGEABLE))

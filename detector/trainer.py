@@ -266,7 +266,7 @@ class Trainer:
             iou=self.config.iou, max_det=self.config.max_det, amp_dtype=self.ctx.amp_dtype,
             channels_last=self.ctx.channels_last, progress=self.progress)
         names = dict(zip(self.val_data.category_ids, self.val_data.names, strict=True))
-        metrics = coco_evaluate(self.ground_truth, detections, image_ids, names)
+        metrics = coco_evaluate(self.ground_truth, detections, image_ids, names, confusion=final)
         for line in metrics.table(per_class=final):
             logger.info(line)
         if final and self.config.plots:

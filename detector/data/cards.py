@@ -133,7 +133,7 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
         raise DataError(f"data card {name}: 'train' (training image folder, relative to 'path') is missing")
     val = _get_str(name, raw, "val") or train
     path = _get_str(name, raw, "path")
-    root = datasets_dir / Path(path).expanduser() if path else card_folder.resolve()
+    root = datasets_dir / Path(path).expanduser() if path else card_folder.resolve()  # an absolute path stays
     for key in ("download", "converter", "generator"):
         _get_str(name, raw, key)
     if raw.get("converter") not in (None, *CONVERTERS):
