@@ -76,6 +76,43 @@ def test_an_ultralytics_card_without_path_is_its_own_folder(tmp_path, datasets_d
     assert load_data_card(absent, datasets_dir).root == card.root
 
 
+def test_an_ultralytics_dataset_with_yolo_labels_only_trains_from_its_own_card(tmp_path, datasets_dir):
+    """Images and YOLO labels with Ultralytics' unchanged card, no COCO JSON: each split's JSON is written from its
+    labels, with the boxes of the shipped JSON."""
+    root = tmp_path / "coco8"
+    shutil.copytree(datasets_dir / "coco8", root, ignore=shutil.ignore_patterns("annotations"))
+    card = load_data_card(root / "coco8.yaml", tmp_path / "unused")
+    for split, json_path in (("train", card.train_json), ("val", card.val_json)):
+        assert json_path == root / "annotations" / f"instances_{split}.json"
+        assert _boxes_by_image(json_path).keys() == _boxes_by_image(
+            datasets_dir / "coco8" / "annotations" / f"instances_{split}.json").keys()
+    assert sum(len(t) for t in CocoDataset(card.train_images, card.train_json).targets) == 13
+
+
+def test_a_roboflow_layout_gets_one_json_per_split(tmp_path, datasets_dir):
+    """train/images + train/labels, valid/images + valid/labels, paths given from a card one folder down."""
+    for split, ours in (("train", "train"), ("valid", "val")):
+        shutil.copytree(datasets_dir / "coco8" / "images" / ours, tmp_path / "ds" / split / "images")
+        shutil.copytree(datasets_dir / "coco8" / "labels" / ours, tmp_path / "ds" / split / "labels")
+    (tmp_path / "ds" / "cards").mkdir()
+    card = load_data_card(_write_card(tmp_path / "ds" / "cards" / "data.yaml", train="../train/images",
+                                      val="../valid/images", names=COCO80_NAMES), tmp_path)
+    assert card.train_json.name == "instances_train.json" and card.val_json.name == "instances_valid.json"
+    assert len(_boxes_by_image(card.train_json)) == len(_boxes_by_image(card.val_json)) == 4
+    assert _boxes_by_image(card.train_json) != _boxes_by_image(card.val_json)
+
+
+def test_a_split_without_json_or_labels_says_what_to_put_where(tmp_path, datasets_dir):
+    root = tmp_path / "c8"
+    shutil.copytree(datasets_dir / "coco8", root, ignore=shutil.ignore_patterns("annotations", "labels"))
+    with pytest.raises(DataError, match=rf"instances_train.json is missing: .*or YOLO labels at {root}/labels/train"):
+        load_data_card(root / "coco8.yaml", tmp_path)
+    shutil.copytree(datasets_dir / "coco8" / "labels", root / "labels")
+    card = _write_card(root / "nonames.yaml", train="images/train")
+    with pytest.raises(DataError, match="'names' is needed to convert the YOLO labels"):
+        load_data_card(card, tmp_path)
+
+
 def test_a_data_card_key_that_is_no_setting_names_the_card(tmp_path, datasets_dir):
     from detector.errors import ConfigError
     from detector.trainer import resolve_config
@@ -122,7 +159,6 @@ def test_missing_dataset_without_download_names_the_folder(tmp_path):
 @pytest.mark.parametrize(("keys", "pattern"), [
     ({"path": "x", "val": "images/val"}, "'train'.*missing"),
     ({"path": "x", "train": ["a", "b"]}, "'train' must be a string"),
-    ({"path": "x", "train": "images", "converter": "voc"}, "converter 'voc'"),
     ({"path": "x", "train": "images", "names": {"1": "a"}}, "'names' keys"),
 ])
 def test_bad_cards_name_the_card_and_key(tmp_path, keys, pattern):
@@ -210,7 +246,7 @@ def test_download_convert_and_load_from_a_local_server(tmp_path, datasets_dir):
     _zip_folder(served / "x.zip", datasets_dir / "coco8", "coco8")  # YOLO labels only, like the real zip
     with _local_server(served) as url:
         card_path = _write_card(tmp_path / "dl.yaml", path="dl", train="images/train", val="images/val",
-                                download=f"{url}/x.zip", converter="yolo", names=COCO80_NAMES)
+                                download=f"{url}/x.zip", names=COCO80_NAMES)
         card = load_data_card(card_path, tmp_path / "datasets")
     assert card.root == tmp_path / "datasets" / "dl"
     assert card.train_json == card.root / "annotations" / "instances_train.json" and card.train_json.is_file()

@@ -1,8 +1,11 @@
 """Data card (YAML) -> DataCard: resolved image folders and COCO JSON files, fetched or generated if missing.
 
 A card names a dataset root (`path`, relative to the datasets dir; empty or absent: the card's own folder,
-as in Ultralytics cards), train/val image folders and their COCO JSON files. Keys a card sets that are not
-card keys (imgsz, epochs, ...) are training settings, returned in `settings` for the config to validate.
+as in Ultralytics cards), train/val image folders and their COCO JSON files. A split whose JSON is missing
+but which has YOLO labels (the image folder with its last `images` part read as `labels`, as Ultralytics
+pairs them) gets its JSON written from them, so an Ultralytics dataset and card train as they are. Keys a
+card sets that are not card keys (imgsz, epochs, ...) are training settings, returned in `settings` for the
+config to validate.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CARD_KEYS = {"path", "train", "val", "train_json", "val_json", "names", "download", "converter", "generator",
-             "nc", "test"}  # test: an Ultralytics card's test split, not used here
+CARD_KEYS = {"path", "train", "val", "train_json", "val_json", "names", "download", "generator", "nc",
+             "test"}  # test: an Ultralytics card's test split, not used here
 GENERATORS = ("shapes",)
-CONVERTERS = ("yolo",)
 
 
 def cards_dir() -> Path:
@@ -122,8 +124,10 @@ def _get_str(name: str, raw: dict, key: str, default: str | None = None) -> str 
 
 
 def _default_json(folder: str) -> str:
-    """images/train2017 -> annotations/instances_train2017.json (the COCO layout)."""
-    return f"annotations/instances_{Path(folder).name}.json"
+    """images/train2017 -> annotations/instances_train2017.json (the COCO layout); the split is named by the
+    folder's parts other than `images`, so ../valid/images (a Roboflow export) -> instances_valid.json."""
+    parts = [p for p in Path(folder).parts if p not in ("images", "..", ".", "/")]
+    return f"annotations/instances_{'_'.join(parts) or 'images'}.json"
 
 
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
@@ -134,10 +138,8 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
     val = _get_str(name, raw, "val") or train
     path = _get_str(name, raw, "path")
     root = datasets_dir / Path(path).expanduser() if path else card_folder.resolve()  # an absolute path stays
-    for key in ("download", "converter", "generator"):
+    for key in ("download", "generator"):
         _get_str(name, raw, key)
-    if raw.get("converter") not in (None, *CONVERTERS):
-        raise DataError(f"data card {name}: converter {raw['converter']!r} is unknown; use {CONVERTERS}")
     if raw.get("generator") not in (None, *GENERATORS):
         raise DataError(f"data card {name}: generator {raw['generator']!r} is unknown; use {GENERATORS}")
     names = _parse_names(name, raw.get("names"))
@@ -197,7 +199,7 @@ def _materialize(card: DataCard, raw: dict) -> None:
         raise DataError(_missing_message(card))
     for images, json_path in ((card.train_images, card.train_json), (card.val_images, card.val_json)):
         if not json_path.is_file():
-            _convert(card, raw, images, json_path)
+            _convert(card, images, json_path)
 
 
 def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
@@ -214,19 +216,21 @@ def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _convert(card: DataCard, raw: dict, images: Path, json_path: Path) -> None:
-    """Writes the missing COCO JSON from YOLO labels (images/<split> <-> labels/<split>)."""
-    if raw.get("converter") != "yolo":
-        raise DataError(f"{json_path} is missing and card '{card.name}' has no converter; "
-                        f"put the COCO JSON there or add 'converter: yolo' for YOLO labels")
+def _convert(card: DataCard, images: Path, json_path: Path) -> None:
+    """Writes a split's missing COCO JSON from the YOLO labels beside its images (images/<split> <-> labels/<split>,
+    <split>/images <-> <split>/labels: the last `images` part of the path read as `labels`)."""
+    parts = list(images.parts)
+    last = max((i for i, part in enumerate(parts) if part == "images"), default=None)
+    labels = Path(*parts[:last], "labels", *parts[last + 1:]) if last is not None else None
+    if labels is None or not labels.is_dir():
+        yolo = f"YOLO labels at {labels}" if labels else "YOLO labels in a 'labels' folder paired with an 'images' one"
+        raise DataError(f"{json_path} is missing: put the COCO JSON there (or name it with train_json/val_json in "
+                        f"card '{card.name}'), or {yolo}")
     if not card.names:
-        raise DataError(f"data card {card.name}: 'names' is needed to convert YOLO labels")
+        raise DataError(f"data card {card.name}: 'names' is needed to convert the YOLO labels at {labels}")
     from detector.data.convert import yolo_to_coco
 
-    parts = list(images.relative_to(card.root).parts)
-    labels = card.root.joinpath(*["labels" if p == "images" else p for p in parts])
-    if not labels.is_dir():
-        raise DataError(f"{json_path} is missing and there are no YOLO labels at {labels}")
+    logger.info("%s is missing: writing it from the YOLO labels at %s", json_path, labels)
     yolo_to_coco(images, labels, json_path, card.names)
 
 
