@@ -68,6 +68,7 @@ class Config:
     scale: float
     shear: float
     fliplr: float
+    flipud: float
     mosaic: float
     close_mosaic: int
     val: bool
@@ -78,6 +79,7 @@ class Config:
     project: str
     name: str
     exist_ok: bool
+    save_period: int
     resume: str
     plots: bool
 
@@ -123,6 +125,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "iou": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "max_det": (lambda v: v >= 1, "an integer >= 1"),
     "patience": (lambda v: v >= 0, "an integer >= 0 (0 = never stop early)"),
+    "save_period": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     "degrees": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
     "shear": (lambda v: 0 <= v <= 90, "a number of degrees in [0, 90]"),
     "name": (lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a folder name without '/'"),
@@ -132,7 +135,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 for _key in ("box", "cls", "dfl"):
     _CHECKS[_key] = (lambda v: 0 <= v <= 100, "a number in [0, 100]")
-for _key in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "mosaic"):
+for _key in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "flipud", "mosaic"):
     _CHECKS[_key] = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 _TRUE = {"true", "yes", "on", "1"}

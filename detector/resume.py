@@ -13,7 +13,7 @@ from detector.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Settings a resumed run takes from the command line; every other one continues as the run was configured.
-CHANGEABLE = ("device", "workers", "threads", "epochs")
+CHANGEABLE = ("device", "workers", "threads", "epochs", "save_period")
 # Settings that only say where the run is.
 LOCATING = ("resume", "project", "name", "exist_ok")
 

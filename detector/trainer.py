@@ -322,6 +322,8 @@ class Trainer:
     def _save(self, epoch: int, improved: bool) -> None:
         state = self.checkpoint_state(epoch)
         save_checkpoint(self.weights_dir / "last.pt", state)
+        if self.config.save_period and (epoch + 1) % self.config.save_period == 0:
+            save_checkpoint(self.weights_dir / f"epoch{epoch + 1}.pt", state)  # resumable, as last.pt
         if improved:
             # best.pt is for inference: drop what only resuming needs.
             inference = {k: v for k, v in state.items()

@@ -49,12 +49,12 @@ def _colour_share(image: np.ndarray, box: np.ndarray, colour) -> float:
     return float((np.abs(crop - np.array(colour)).max(axis=2) < 40).mean())
 
 
-@pytest.mark.parametrize("mosaic", [1.0, 0.0])
-def test_augmented_boxes_stay_on_their_objects(tmp_path, mosaic):
+@pytest.mark.parametrize(("mosaic", "flipud"), [(1.0, 0.0), (0.0, 0.0), (1.0, 0.5)])
+def test_augmented_boxes_stay_on_their_objects(tmp_path, mosaic, flipud):
     dataset = _colour_dataset(tmp_path)
     size = 256
     transform = TrainTransform(size, mosaic=mosaic, degrees=5.0, translate=0.1, scale=0.5, shear=2.0,
-                               fliplr=0.5, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
+                               fliplr=0.5, flipud=flipud, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0)
     shares = []
     for seed in range(12):
         image, target = transform(dataset, seed % len(dataset), np.random.default_rng(seed))
@@ -69,6 +69,17 @@ def test_augmented_boxes_stay_on_their_objects(tmp_path, mosaic):
     # half its box); a box off its object, e.g. mirrored, scores about 0.
     assert min(shares) > 0.45, shares
     assert np.median(shares) > 0.7
+
+
+def test_flipud_mirrors_image_and_boxes_top_to_bottom(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    still = dict(mosaic=0.0, translate=0.0, scale=0.0, fliplr=0.0, hsv_h=0, hsv_s=0, hsv_v=0)
+    image_a, target_a = TrainTransform(128, **still)(dataset, 0, np.random.default_rng(3))
+    image_b, target_b = TrainTransform(128, flipud=1.0, **still)(dataset, 0, np.random.default_rng(3))
+    assert len(target_a) >= 1 and np.array_equal(image_b, image_a[::-1])
+    mirrored = target_a.boxes_xyxy[:, [0, 3, 2, 1]] * [1, -1, 1, -1] + [0, 128, 0, 128]
+    np.testing.assert_allclose(target_b.boxes_xyxy, mirrored, atol=1e-3)
+    np.testing.assert_array_equal(target_b.classes, target_a.classes)
 
 
 def test_hsv_jitter_changes_colours_but_not_boxes(tmp_path):

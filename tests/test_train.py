@@ -51,8 +51,10 @@ def final_weights(run_dir):
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_path, monkeypatch):
-    args = settings(tiny_setup, tmp_path, epochs=3, val=False)
+    args = settings(tiny_setup, tmp_path, epochs=3, val=False, save_period=2)
     train({**args, "name": "straight"}, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "straight" / "weights").glob("epoch*.pt"))
+    assert kept == ["epoch2.pt"] and load_checkpoint(tmp_path / "straight" / "weights" / "epoch2.pt")["epoch"] == 2
 
     original_save = Trainer._save
 
@@ -87,8 +89,8 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_pat
     finally:
         logging.getLogger("detector.resume").removeHandler(warnings)
     assert [r.getMessage() for r in warnings.buffer] == [
-        "resume continues the run as it was configured; ignored imgsz=160 (only device, workers, threads, epochs "
-        "can change)"]  # not batch=8.0: the value it had, spelled differently
+        "resume continues the run as it was configured; ignored imgsz=160 (only device, workers, threads, epochs, "
+        "save_period can change)"]  # not batch=8.0: the value it had, spelled differently
     assert load_checkpoint(last)["epoch"] == 4 and load_checkpoint(last)["config"]["imgsz"] == 128
 
 

@@ -1,7 +1,7 @@
 """(image, Target) -> (image, Target) at the training or validation size.
 
 Training: a 4-image mosaic (or one letterboxed image), then albumentations' bbox-aware affine,
-colour jitter and horizontal flip. Validation: letterbox only, with the scale and padding returned
+colour jitter and flips. Validation: letterbox only, with the scale and padding returned
 so predictions map back to the original pixels. Every image is first shrunk so its longest side is
 the training size: the later steps then touch at most (2S)^2 pixels whatever the source size.
 """
@@ -140,11 +140,11 @@ class CenterCroppedAffine(A.Affine):
 
 
 class TrainTransform:
-    """Training augmentation: mosaic, affine (scale/translate/rotate/shear), HSV jitter, flip."""
+    """Training augmentation: mosaic, affine (scale/translate/rotate/shear), HSV jitter, flips."""
 
     def __init__(self, image_size: int, *, mosaic: float = 1.0, degrees: float = 0.0, translate: float = 0.1,
-                 scale: float = 0.5, shear: float = 0.0, fliplr: float = 0.5, hsv_h: float = 0.015,
-                 hsv_s: float = 0.7, hsv_v: float = 0.4) -> None:
+                 scale: float = 0.5, shear: float = 0.0, fliplr: float = 0.5, flipud: float = 0.0,
+                 hsv_h: float = 0.015, hsv_s: float = 0.7, hsv_v: float = 0.4) -> None:
         """Args are fractions / probabilities as in cfg/default.yaml; image_size is the output side S."""
         self.image_size = image_size
         self.mosaic = mosaic
@@ -159,6 +159,8 @@ class TrainTransform:
                            keep_ratio=True,  # one scale for x and y: objects keep their aspect
                            border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0)
         tail = [A.HorizontalFlip(p=fliplr)]
+        if flipud:  # only when asked: a transform at p=0 would still take a draw and change every later one
+            tail.append(A.VerticalFlip(p=flipud))
         if hsv_h or hsv_s or hsv_v:
             # ColorJitter's brightness/saturation factors and hue fraction are the YOLO hsv gains.
             tail.insert(0, A.ColorJitter(brightness=hsv_v, contrast=0, saturation=hsv_s, hue=hsv_h, p=1.0))

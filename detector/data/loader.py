@@ -24,7 +24,7 @@ from detector.distributed import cpu_share
 
 logger = logging.getLogger(__name__)
 
-AUGMENT_KEYS = ("mosaic", "degrees", "translate", "scale", "shear", "fliplr", "hsv_h", "hsv_s", "hsv_v")
+AUGMENT_KEYS = ("mosaic", "degrees", "translate", "scale", "shear", "fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v")
 
 
 @dataclass
