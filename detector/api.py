@@ -86,7 +86,8 @@ class Model:
         card = load_data_card(config.data)
         device = select_device(config.device)
         set_threads(config.threads)
-        dataset = CocoDataset(card.val_images, card.val_json, skip_bad_images=config.skip_bad_images)
+        dataset = CocoDataset(card.val_images, card.val_json, skip_bad_images=config.skip_bad_images,
+                              single_cls=config.single_cls)
         image_size = round_image_size(config.imgsz)
         model = self._fused_model(device)
         batch = self._batch(config.batch, config.auto_batch_fraction, image_size, device, len(dataset), config.conf)
@@ -95,7 +96,8 @@ class Model:
         detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
                                                conf=config.conf, iou=config.iou, max_det=config.max_det)
         names = dict(zip(dataset.category_ids, dataset.names, strict=True))
-        metrics = coco_evaluate(load_ground_truth(dataset.annotation_json), detections, image_ids, names)
+        truth = load_ground_truth(dataset.annotation_json, config.single_cls)
+        metrics = coco_evaluate(truth, detections, image_ids, names)
         for line in metrics.table(per_class=True):
             logger.info(line)
         logger.info("val: mAP50-95 %.4f mAP50 %.4f P %.3f R %.3f on %d images (batch %d)", metrics.map50_95,

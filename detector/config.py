@@ -34,6 +34,7 @@ class Config:
     imgsz: int
     batch: float
     fraction: float
+    single_cls: bool
     device: str
     workers: int
     threads: int

@@ -98,9 +98,9 @@ class Trainer:
         # Data first: a broken dataset fails here, before a run folder exists.
         self.train_data = CocoDataset(self.card.train_images, self.card.train_json, max_size=config.imgsz,
                                       cache=config.cache if config.cache == "auto" else config.cache == "true",
-                                      skip_bad_images=config.skip_bad_images)
+                                      skip_bad_images=config.skip_bad_images, single_cls=config.single_cls)
         self.val_data = CocoDataset(self.card.val_images, self.card.val_json,
-                                    skip_bad_images=config.skip_bad_images)
+                                    skip_bad_images=config.skip_bad_images, single_cls=config.single_cls)
         self.names = self.train_data.names
         self.train_size = max(math.ceil(len(self.train_data) * config.fraction), 1)
         self.model = build_detector(config, len(self.names), checkpoint).to(self.device)
@@ -119,7 +119,7 @@ class Trainer:
         self.start_epoch, self.best_fitness, self.rows = 0, -1.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.ground_truth = load_ground_truth(self.val_data.annotation_json)
+        self.ground_truth = load_ground_truth(self.val_data.annotation_json, config.single_cls)
         if self.main:
             atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in asdict(self.plan).items()))

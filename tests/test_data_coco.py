@@ -70,6 +70,23 @@ def test_class_indices_round_trip_to_coco_category_ids(datasets_dir):
         assert sorted(dataset.category_ids[c] for c in target.classes) == expected
 
 
+def test_single_cls_puts_every_box_in_one_class_for_training_and_scoring(datasets_dir):
+    from detector.metrics import load_ground_truth
+
+    root = datasets_dir / "coco8"
+    json_path = root / "annotations" / "instances_val.json"
+    several = CocoDataset(root / "images" / "val", json_path)
+    one = CocoDataset(root / "images" / "val", json_path, single_cls=True)
+    assert one.names == ["object"] and one.category_ids == [1]
+    assert len({int(c) for t in several.targets for c in t.classes}) > 1
+    for a, b in zip(several.targets, one.targets, strict=True):
+        np.testing.assert_array_equal(a.boxes_xyxy, b.boxes_xyxy)
+        assert (b.classes == 0).all()
+    truth = load_ground_truth(json_path, single_cls=True)
+    assert list(truth.cats) == [1] and len(truth.anns) == len(json.loads(json_path.read_text())["annotations"])
+    assert {a["category_id"] for a in truth.anns.values()} == {1}
+
+
 def test_coco128_quirks(datasets_dir):
     root = datasets_dir / "coco128"
     dataset = CocoDataset(root / "images" / "train2017", root / "annotations" / "instances_train2017.json")

@@ -131,6 +131,25 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     assert all(f"INFO detector.trainer: {name} " in log for name in per_class)
 
 
+def test_single_cls_trains_one_class_and_val_scores_it_the_same_way(tiny_setup, tmp_path):
+    # 15 epochs without augmentation: enough to score above zero (mAP50-95 0.015), so the comparison below can fail.
+    args = settings(tiny_setup, tmp_path, epochs=15, batch=4, nbs=4, lr0=0.006, optimizer="AdamW", val=False,
+                    fliplr=0.0, scale=0.0, translate=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, single_cls=True)
+    metrics = train(args, progress=False)
+    assert metrics["metrics/mAP50-95"] > 0.005
+    best = tmp_path / "run" / "weights" / "best.pt"
+    state = load_checkpoint(best)
+    assert state["names"] == ["object"] and state["category_ids"] == [1]
+    assert state["model"]["head.cls.0.2.weight"].shape[0] == 1  # one class logit per anchor
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    annotations = json.loads((Path(args["data"]).parent / "shapes/annotations/instances_train.json").read_text())
+    assert list(saved["per_class"]) == ["object"]
+    assert saved["per_class"]["object"]["instances"] == len(annotations["annotations"])
+    # single_cls comes with the checkpoint. Training validates in bf16 on this CPU, val in float32: close, not equal.
+    again = Model(str(best)).val(data=args["data"], workers=0)
+    assert again["metrics/mAP50-95"] == pytest.approx(metrics["metrics/mAP50-95"], rel=0.05)
+
+
 def test_predict_folders_and_globs_in_input_order_in_original_pixels(tiny_setup, tmp_path):
     args = settings(tiny_setup, tmp_path, epochs=1)
     model = Model(args.pop("model"))

@@ -183,6 +183,15 @@ def _boxes_of(annotations: list[dict], class_of: dict[int, int], height: int, wi
     return Target(np.asarray(boxes, np.float32), np.asarray(classes, np.int64))
 
 
+def single_class(data: dict) -> dict:
+    """A COCO JSON dict with every annotation in one category, 'object' (single_cls: detection without classes).
+
+    The training set, the validation set and the ground truth COCOeval scores against all go through it.
+    """
+    return {**data, "categories": [{"id": 1, "name": "object"}],
+            "annotations": [{**a, "category_id": 1} for a in data.get("annotations", [])]}
+
+
 class CocoDataset:
     """Images and boxes of one COCO instances JSON.
 
@@ -195,7 +204,7 @@ class CocoDataset:
     """
 
     def __init__(self, images_dir: Path | str, annotation_json: Path | str, *, cache: bool | str = False,
-                 skip_bad_images: bool = False, max_size: int | None = None) -> None:
+                 skip_bad_images: bool = False, max_size: int | None = None, single_cls: bool = False) -> None:
         """Parses the JSON and checks every image file.
 
         Args:
@@ -205,6 +214,7 @@ class CocoDataset:
                 they need at most CACHE_AUTO_SHARE of the available RAM (shared by the local DDP ranks).
             skip_bad_images: Drop missing/unreadable images with a warning instead of raising.
             max_size: With cache, shrink cached images so their longest side is at most this.
+            single_cls: Every box is of one class, 'object' (see single_class).
 
         Raises:
             DataError: Malformed JSON, or missing/unreadable images without skip_bad_images.
@@ -212,6 +222,8 @@ class CocoDataset:
         self.images_dir = Path(images_dir)
         self.annotation_json = Path(annotation_json)
         data = _load_json(self.annotation_json)
+        if single_cls:
+            data = single_class(data)
         coco = COCO()
         coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
