@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import math
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -207,7 +208,10 @@ def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_
     ctx.model.train()
     state = ctx.state
     sums, count = dict(state.epoch_sums), state.epoch_count
-    bar = tqdm(loader, total=len(loader), disable=not progress, leave=True, dynamic_ncols=True,
+    # On a terminal the bar redraws in place; in a file or pipe (CI, nohup) each redraw stays, so it redraws
+    # every 30 s there, and the epoch's last state ends the line.
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", total=len(loader), disable=not progress, leave=True,
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0,
                bar_format="{l_bar}{bar:12}{r_bar}")
     for batch in bar:
         items = train_step(ctx, batch.images, batch.targets)
@@ -219,7 +223,7 @@ def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_
         if progress and count:
             means = " ".join(f"{k.removeprefix('loss_')} {v / count:.3f}" for k, v in sums.items())
             bar.set_description(f"epoch {epoch + 1}/{epochs} mem {memory_text(ctx.device)} {means} "
-                                f"inst {len(batch.targets)} size {image_size}")
+                                f"inst {len(batch.targets)} size {image_size}", refresh=False)
         if stop is not None and stop():
             bar.close()
             state.epoch_sums, state.epoch_count = sums, count
@@ -239,7 +243,9 @@ def predict_loader(model: nn.Module, loader, *, device: torch.device, category_i
     """
     model.eval()
     detections, image_ids = [], []
-    for batch in tqdm(loader, desc="validating", disable=not progress, leave=False, dynamic_ncols=True):
+    # The bar erases itself when done: only on a terminal; in a file it would run into the metrics table.
+    for batch in tqdm(loader, desc="validating", disable=not progress or not sys.stderr.isatty(), leave=False,
+                      dynamic_ncols=True):
         results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=max_det,
                           amp_dtype=amp_dtype, channels_last=channels_last)
         for i, result in enumerate(results):

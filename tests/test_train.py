@@ -150,6 +150,16 @@ def test_single_cls_trains_one_class_and_val_scores_it_the_same_way(tiny_setup, 
     assert again["metrics/mAP50-95"] == pytest.approx(metrics["metrics/mAP50-95"], rel=0.05)
 
 
+def test_progress_in_a_log_file_is_one_line_per_epoch_and_no_validation_bar(tiny_setup, tmp_path, capsys):
+    """stderr is not a terminal here, as in CI or under nohup: what the bars write there stays in the log."""
+    train(settings(tiny_setup, tmp_path, epochs=2), progress=True)
+    err = capsys.readouterr().err
+    assert "validating" not in err
+    for epoch in (1, 2):
+        bar = [line for line in err.split("\n") if f"epoch {epoch}/2" in line]  # one line, its redraws after \r
+        assert len(bar) == 1 and bar[0].count("\r") <= 2 and "100%" in bar[0].split("\r")[-1], bar
+
+
 def test_predict_folders_and_globs_in_input_order_in_original_pixels(tiny_setup, tmp_path):
     args = settings(tiny_setup, tmp_path, epochs=1)
     model = Model(args.pop("model"))
