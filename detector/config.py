@@ -196,6 +196,8 @@ def convert(key: str, value: Any) -> Any:
             return _int(value)
         if kind == "float":
             number = float(value) if not isinstance(value, bool) else _fail()
+            if key == "batch" and number.is_integer():
+                return int(number)  # a count of images (args.yaml says batch: 16, not 16.0); fractions stay float
             return number if math.isfinite(number) else _fail()
         return "" if value is None else str(value)
     except (TypeError, ValueError) as err:

@@ -24,7 +24,9 @@ def test_layers_apply_in_order_and_strings_are_converted_by_type():
 
 @pytest.mark.parametrize(("batch", "fraction"), [("-1", 0.60), ("0.8", 0.8), ("16", None), ("1", None)])
 def test_batch_semantics(batch, fraction):
-    assert make_config(parse_cli([f"batch={batch}"])).auto_batch_fraction == fraction
+    config = make_config(parse_cli([f"batch={batch}"]))
+    assert config.auto_batch_fraction == fraction
+    assert type(config.batch) is (float if fraction and fraction != 0.60 else int)  # args.yaml: batch: 16, not 16.0
 
 
 @pytest.mark.parametrize(("args", "words"), [
