@@ -7,6 +7,7 @@ progress counters and RNG states: nothing that needs pickle to run code when it 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise DetectorError(f"checkpoint {path} was refused: it holds objects other than plain data"
-                            f"{_refused_object(err)}; only checkpoints written by this package load") from err
+        refused = _refused_object(err)
+        if refused.startswith("ultralytics."):
+            message = (f"is an Ultralytics checkpoint ({refused}), which this package does not load: train with "
+                       "model=n|s|m, or start from a .pt this package wrote")
+        else:
+            message = (f"was refused: it holds objects other than plain data{f' ({refused})' if refused else ''}; "
+                       "only checkpoints written by this package load")
+        raise DetectorError(f"checkpoint {path} {message}") from err
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for files that are no checkpoint
         reason = "the file is empty" if path.stat().st_size == 0 else _first_sentence(err)
         raise DetectorError(f"checkpoint {path} is not readable ({reason}); is it truncated or not a .pt?") from err
@@ -47,10 +54,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _refused_object(err: Exception) -> str:
-    """The line of torch's refusal that names the object, without its advice to load with weights_only=False."""
-    lines = [line.strip() for line in str(err).splitlines()]
-    named = [line for line in lines if line.startswith(("Trying to load", "Unsupported"))]
-    return f" ({named[0]})" if named else ""
+    """What torch's refusal names (the object, e.g. 'posix.system', or else its 'Unsupported ...' line), without its
+    advice to load with weights_only=False; '' when it names nothing."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found:
+        return found.group(1)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip().startswith("Unsupported")]
+    return lines[0] if lines else ""
 
 
 def _first_sentence(err: Exception) -> str:

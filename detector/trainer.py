@@ -57,6 +57,8 @@ def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | 
     """
     select_device(make_config(overrides).device)  # fail on a bad value before any data is touched
     checkpoint, ckpt_args, overrides = resume_checkpoint(overrides)
+    if checkpoint is None and str(overrides.get("model", "")).endswith(".pt"):
+        load_checkpoint(overrides["model"])  # an unusable file fails here, not after the datasets are read
     data_spec = overrides.get("data", ckpt_args.get("data", load_defaults()["data"]))
     card = load_data_card(str(data_spec))
     check_keys(card.settings, source=f"key in data card {data_spec}:")  # a card's other keys are settings

@@ -41,7 +41,8 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, writer)
         path.write_bytes(pickle.dumps(payload))
     else:
         torch.save(payload, path)  # a real checkpoint file (zip) holding the hostile object
-    with pytest.raises(DetectorError, match="refused: it holds objects other than plain data") as caught:
+    named = "posix.system" if writer == "torch.save" else "Unsupported operand"  # a bare pickle fails sooner
+    with pytest.raises(DetectorError, match=rf"refused: it holds objects other than plain data \({named}") as caught:
         load_checkpoint(path)
     assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
     assert "weights_only" not in str(caught.value)  # torch's advice to load it anyway is not passed on
@@ -50,6 +51,8 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, writer)
         Model(str(path))
     with pytest.raises(DetectorError, match="refused"):
         train({"resume": str(path)})
+    with pytest.raises(DetectorError, match="refused"):  # before the data card, whose dataset is not there
+        train({"model": str(path), "data": str(tmp_path / "no_such_card.yaml")})
     assert not marker.exists()
     # The control: the payload is live, and loading without weights_only runs it.
     if writer == "pickle":
@@ -97,3 +100,24 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         save_checkpoint(path, {})
     monkey.undo()
     assert path.read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_an_ultralytics_checkpoint_is_named_as_such(tmp_path, monkeypatch):
+    """Users coming from Ultralytics try their yolov8n.pt: it pickles Ultralytics' model classes."""
+    import sys
+    import types
+
+    tasks = types.ModuleType("ultralytics.nn.tasks")
+
+    class DetectionModel(torch.nn.Module):
+        pass
+
+    DetectionModel.__module__, DetectionModel.__qualname__ = "ultralytics.nn.tasks", "DetectionModel"
+    tasks.DetectionModel = DetectionModel
+    for name, module in (("ultralytics", types.ModuleType("ultralytics")), ("ultralytics.nn", types.ModuleType(
+            "ultralytics.nn")), ("ultralytics.nn.tasks", tasks)):
+        monkeypatch.setitem(sys.modules, name, module)
+    torch.save({"model": DetectionModel(), "epoch": 3}, tmp_path / "yolov8n.pt")
+    with pytest.raises(DetectorError, match=r"is an Ultralytics checkpoint \(ultralytics.nn.tasks.DetectionModel\)"
+                       r", which this package does not load: train with model=n\|s\|m"):
+        load_checkpoint(tmp_path / "yolov8n.pt")
