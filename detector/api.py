@@ -13,11 +13,11 @@ from detector.atomic import file_in_the_way
 from detector.checkpoint import load_checkpoint
 from detector.config import make_config
 from detector.data.augment import round_image_size
-from detector.data.cards import load_data_card
+from detector.data.cards import load_data_card, split_files
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
 from detector.engine import predict_loader
-from detector.errors import ConfigError, DetectorError
+from detector.errors import ConfigError, DataError, DetectorError
 from detector.export import ONNX_OPSET, OnnxForward, export_onnx
 from detector.metrics import coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model, model_info
@@ -74,8 +74,9 @@ class Model:
         self._load(str(Path(metrics["run_dir"]) / "weights" / "best.pt"))
         return metrics
 
-    def val(self, **overrides: Any) -> dict[str, float]:
-        """COCO mAP of a trained model on the validation split of `data` (default: the data it trained on).
+    def val(self, split: str = "val", **overrides: Any) -> dict[str, float]:
+        """COCO mAP of a trained model on a split of `data` (default: the data it trained on): val, test (a card's
+        `test:` folder) or train.
 
         batch=N validates N images per step; batch=-1 (or a fraction) lets AutoBatch size the step from
         forward-only samples. The model runs with Conv+BN fused.
@@ -83,11 +84,15 @@ class Model:
         self._require_weights("val")
         setup_logging()
         config = make_config({**self.checkpoint["config"], "resume": False, **overrides})
-        card = load_data_card(config.data)
+        images, annotation_json = split_files(load_data_card(config.data), split)
         device = select_device(config.device)
         set_threads(config.threads)
-        dataset = CocoDataset(card.val_images, card.val_json, skip_bad_images=config.skip_bad_images,
+        dataset = CocoDataset(images, annotation_json, skip_bad_images=config.skip_bad_images,
                               single_cls=config.single_cls)
+        if len(self.names) != len(dataset.names):
+            raise DataError(f"the model knows {len(self.names)} classes ({', '.join(self.names[:3])}, ...) but "
+                            f"{annotation_json.name} has {len(dataset.names)} ({', '.join(dataset.names[:3])}, ...): "
+                            "validate on data with the model's classes")
         image_size = round_image_size(config.imgsz)
         model = self._fused_model(device)
         batch = self._batch(config.batch, config.auto_batch_fraction, image_size, device, len(dataset), config.conf)
@@ -100,7 +105,7 @@ class Model:
         metrics = coco_evaluate(truth, detections, image_ids, names)
         for line in metrics.table(per_class=True):
             logger.info(line)
-        logger.info("val: mAP50-95 %.4f mAP50 %.4f P %.3f R %.3f on %d images (batch %d)", metrics.map50_95,
+        logger.info("%s: mAP50-95 %.4f mAP50 %.4f P %.3f R %.3f on %d images (batch %d)", split, metrics.map50_95,
                     metrics.map50, metrics.precision, metrics.recall, len(image_ids), batch)
         return {**metrics.as_row(), "fitness": metrics.fitness}
 

@@ -2,16 +2,22 @@
 
 import contextlib
 import functools
+import json
+import logging.handlers
+import shutil
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 import detector.api as api
 from detector import Model
+from detector.errors import DataError
 from detector.model import Detector
 from detector.predict import inference_batch
 from tests.conftest import content_sensitive_detector
@@ -207,3 +213,38 @@ def test_save_dir_where_a_file_sits_is_one_config_error_naming_it(coco8_checkpoi
     for save_dir in (notes, notes / "drawn"):
         with pytest.raises(ConfigError, match=f"^save_dir={save_dir} cannot be a folder: {notes} is a file; "):
             Model(coco8_checkpoint).predict(np.zeros((32, 32, 3), np.uint8), save_dir=save_dir)
+
+
+def test_val_scores_a_cards_test_split_written_from_its_yolo_labels(coco8_checkpoint, datasets_dir, tmp_path):
+    """An Ultralytics card with a test: folder that has only YOLO labels: split=test writes its JSON and scores it."""
+    root = tmp_path / "c8"
+    shutil.copytree(datasets_dir / "coco8", root)
+    for image in sorted((root / "images" / "val").glob("*.jpg"))[:2]:  # a test split of 2 of the 4 val images
+        for kind, suffix in (("images", ".jpg"), ("labels", ".txt")):
+            (root / kind / "test").mkdir(exist_ok=True)
+            shutil.copy(root / kind / "val" / f"{image.stem}{suffix}", root / kind / "test")
+    categories = json.loads((root / "annotations" / "instances_val.json").read_text())["categories"]
+    card = root / "card.yaml"
+    card.write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "test": "images/test",
+                                    "names": [c["name"] for c in categories]}))
+    model = Model(coco8_checkpoint)
+    lines = logging.handlers.BufferingHandler(100)
+    logging.getLogger("detector.api").addHandler(lines)
+    try:
+        model.val("test", data=str(card))
+        model.val(data=str(card))
+    finally:
+        logging.getLogger("detector.api").removeHandler(lines)
+    written = json.loads((root / "annotations" / "instances_test.json").read_text())
+    assert len(written["images"]) == 2 and len(written["annotations"]) == sum(
+        len((root / "labels" / "test" / f"{Path(i['file_name']).stem}.txt").read_text().splitlines())
+        for i in written["images"])
+    summaries = [r.getMessage() for r in lines.buffer if " images (batch " in r.getMessage()]
+    assert summaries[0].startswith("test: ") and "on 2 images" in summaries[0]
+    assert summaries[1].startswith("val: ") and "on 4 images" in summaries[1]
+    with pytest.raises(DataError, match="split='dev' is not one of train, val, test"):
+        model.val("dev", data=str(card))
+    with pytest.raises(DataError, match="has no test split: add 'test: <image folder>'"):
+        model.val("test", data=str(datasets_dir / "coco8" / "coco8.yaml"))
+    with pytest.raises(DataError, match=r"the model knows 80 classes \(person, .*instances_val.json has 1 \(object"):
+        model.val(data=str(card), single_cls=True)  # data whose classes are not the model's: no silent 0.0

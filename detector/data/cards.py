@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CARD_KEYS = {"path", "train", "val", "train_json", "val_json", "names", "download", "generator", "nc",
-             "test"}  # test: an Ultralytics card's test split, not used here
+CARD_KEYS = {"path", "train", "val", "test", "train_json", "val_json", "test_json", "names", "download", "generator",
+             "nc"}
+SPLITS = ("train", "val", "test")
 GENERATORS = ("shapes",)
 
 
@@ -46,6 +47,8 @@ class DataCard:
         train_json, val_json: COCO instances JSON files.
         names: Class names in category-id order.
         settings: Training settings the card sets (validated by the caller).
+        test_images, test_json: The test split, when the card names one (`detector val split=test`); its JSON is
+            written from YOLO labels when first asked for (split_files).
     """
 
     name: str
@@ -56,6 +59,8 @@ class DataCard:
     val_json: Path
     names: list[str]
     settings: dict = field(default_factory=dict)
+    test_images: Path | None = None
+    test_json: Path | None = None
 
 
 def datasets_root(datasets_dir: Path | str | None = None) -> Path:
@@ -91,8 +96,23 @@ def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCa
         _materialize(card, raw)
     names = card.names or _names_from_json(card.train_json)
     _check_names(card_path.stem, names, card.train_json)
-    return DataCard(card.name, card.root, card.train_images, card.train_json, card.val_images, card.val_json,
-                    names, card.settings)
+    return replace(card, names=names)
+
+
+def split_files(card: DataCard, split: str) -> tuple[Path, Path]:
+    """(image folder, COCO JSON) of a card's train, val or test split; a test split's missing JSON is written
+    from its YOLO labels here, so cards with a test split cost nothing until it is used."""
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if split == "test" and card.test_images is None:
+        raise DataError(f"data card {card.name} has no test split: add 'test: <image folder>' to it")
+    images, json_path = {"train": (card.train_images, card.train_json), "val": (card.val_images, card.val_json),
+                         "test": (card.test_images, card.test_json)}[split]
+    if not images.is_dir():
+        raise DataError(f"the {split} images of data card {card.name} are not at {images}")
+    if not json_path.is_file():
+        _convert(card, images, json_path)
+    return images, json_path
 
 
 def _find_card(spec: Path) -> Path:
@@ -146,11 +166,13 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
     if raw.get("nc") is not None and names and raw["nc"] != len(names):
         raise DataError(f"data card {name}: nc={raw['nc']} but 'names' has {len(names)} entries")
     settings = {k: v for k, v in raw.items() if k not in CARD_KEYS}
+    test = _get_str(name, raw, "test")  # Ultralytics cards often leave it empty
     return DataCard(
         name=name, root=root,
         train_images=root / train, train_json=root / _get_str(name, raw, "train_json", _default_json(train)),
         val_images=root / val, val_json=root / _get_str(name, raw, "val_json", _default_json(val)),
-        names=names, settings=settings)
+        names=names, settings=settings, test_images=root / test if test else None,
+        test_json=root / _get_str(name, raw, "test_json", _default_json(test)) if test else None)
 
 
 def _parse_names(name: str, names: Any) -> list[str]:
