@@ -159,6 +159,7 @@ def test_missing_dataset_without_download_names_the_folder(tmp_path):
 @pytest.mark.parametrize(("keys", "pattern"), [
     ({"path": "x", "val": "images/val"}, "'train'.*missing"),
     ({"path": "x", "train": ["a", "b"]}, "'train' must be a string"),
+    ({"path": "x", "train": "images", "converter": "voc"}, "converter 'voc'"),
     ({"path": "x", "train": "images", "names": {"1": "a"}}, "'names' keys"),
 ])
 def test_bad_cards_name_the_card_and_key(tmp_path, keys, pattern):
@@ -246,7 +247,7 @@ def test_download_convert_and_load_from_a_local_server(tmp_path, datasets_dir):
     _zip_folder(served / "x.zip", datasets_dir / "coco8", "coco8")  # YOLO labels only, like the real zip
     with _local_server(served) as url:
         card_path = _write_card(tmp_path / "dl.yaml", path="dl", train="images/train", val="images/val",
-                                download=f"{url}/x.zip", names=COCO80_NAMES)
+                                download=f"{url}/x.zip", converter="yolo", names=COCO80_NAMES)
         card = load_data_card(card_path, tmp_path / "datasets")
     assert card.root == tmp_path / "datasets" / "dl"
     assert card.train_json == card.root / "annotations" / "instances_train.json" and card.train_json.is_file()

@@ -25,9 +25,10 @@ from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-CARD_KEYS = {"path", "train", "val", "test", "train_json", "val_json", "test_json", "names", "download", "generator",
-             "nc"}
+CARD_KEYS = {"path", "train", "val", "test", "train_json", "val_json", "test_json", "names", "download", "converter",
+             "generator", "nc"}
 SPLITS = ("train", "val", "test")
+CONVERTERS = ("yolo",)  # the labels a missing JSON is written from; YOLO labels are found without the key too
 GENERATORS = ("shapes",)
 
 
@@ -158,8 +159,10 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
     val = _get_str(name, raw, "val") or train
     path = _get_str(name, raw, "path")
     root = datasets_dir / Path(path).expanduser() if path else card_folder.resolve()  # an absolute path stays
-    for key in ("download", "generator"):
+    for key in ("download", "converter", "generator"):
         _get_str(name, raw, key)
+    if raw.get("converter") not in (None, *CONVERTERS):
+        raise DataError(f"data card {name}: converter {raw['converter']!r} is unknown; use {CONVERTERS}")
     if raw.get("generator") not in (None, *GENERATORS):
         raise DataError(f"data card {name}: generator {raw['generator']!r} is unknown; use {GENERATORS}")
     names = _parse_names(name, raw.get("names"))
