@@ -96,7 +96,7 @@ def test_a_roboflow_layout_gets_one_json_per_split(tmp_path, datasets_dir):
         shutil.copytree(datasets_dir / "coco8" / "labels" / ours, tmp_path / "ds" / split / "labels")
     (tmp_path / "ds" / "cards").mkdir()
     card = load_data_card(_write_card(tmp_path / "ds" / "cards" / "data.yaml", train="../train/images",
-                                      val="../valid/images", names=COCO80_NAMES), tmp_path)
+                                      val=str(tmp_path / "ds" / "valid" / "images"), names=COCO80_NAMES), tmp_path)
     assert card.train_json.name == "instances_train.json" and card.val_json.name == "instances_valid.json"
     assert len(_boxes_by_image(card.train_json)) == len(_boxes_by_image(card.val_json)) == 4
     assert _boxes_by_image(card.train_json) != _boxes_by_image(card.val_json)

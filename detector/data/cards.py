@@ -145,10 +145,11 @@ def _get_str(name: str, raw: dict, key: str, default: str | None = None) -> str 
 
 
 def _default_json(folder: str) -> str:
-    """images/train2017 -> annotations/instances_train2017.json (the COCO layout); the split is named by the
-    folder's parts other than `images`, so ../valid/images (a Roboflow export) -> instances_valid.json."""
-    parts = [p for p in Path(folder).parts if p not in ("images", "..", ".", "/")]
-    return f"annotations/instances_{'_'.join(parts) or 'images'}.json"
+    """images/train2017 -> annotations/instances_train2017.json (the COCO layout); a folder named `images` is named
+    by its parent, so ../valid/images (a Roboflow export) -> annotations/instances_valid.json."""
+    path = Path(folder)
+    split = path.parent.name if path.name == "images" and path.parent.name not in ("", ".", "..") else path.name
+    return f"annotations/instances_{split}.json"
 
 
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
@@ -249,8 +250,8 @@ def _convert(card: DataCard, images: Path, json_path: Path) -> None:
     labels = Path(*parts[:last], "labels", *parts[last + 1:]) if last is not None else None
     if labels is None or not labels.is_dir():
         yolo = f"YOLO labels at {labels}" if labels else "YOLO labels in a 'labels' folder paired with an 'images' one"
-        raise DataError(f"{json_path} is missing: put the COCO JSON there (or name it with train_json/val_json in "
-                        f"card '{card.name}'), or {yolo}")
+        raise DataError(f"{json_path} is missing: put the COCO JSON there (or name it with train_json, val_json or "
+                        f"test_json in card '{card.name}'), or {yolo}")
     if not card.names:
         raise DataError(f"data card {card.name}: 'names' is needed to convert the YOLO labels at {labels}")
     from detector.data.convert import yolo_to_coco
