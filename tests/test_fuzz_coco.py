@@ -143,6 +143,7 @@ def expected_boxes(document: dict, loaded_ids: list[int]) -> tuple[dict[int, lis
         x, y, w, h = (float(v) for v in annotation["bbox"])
         height, width = sizes[image_id]
         box = [min(max(x, 0), width), min(max(y, 0), height), min(max(x + w, 0), width), min(max(y + h, 0), height)]
+        box = [float(np.float32(v)) for v in box]  # boxes are stored in float32: a 1 px box may round below 1 px
         if annotation["category_id"] not in categories or not (box[2] - box[0] >= 1 and box[3] - box[1] >= 1
                                                               and w > 0 and h > 0):
             dropped += 1

@@ -171,7 +171,8 @@ def _boxes_of(annotations: list[dict], class_of: dict[int, int], height: int, wi
             counts["unknown category"] += 1
             continue
         x, y, w, h = (float(v) for v in annotation["bbox"])
-        box = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+        # Clipped and checked in float32, as stored: a 1 px box can round to 0.9999997 px there.
+        box = np.clip(np.float32([x, y, x + w, y + h]), np.float32(0), np.float32([width, height, width, height]))
         # NaN fails both comparisons, so it is dropped with the thin boxes.
         if not (box[2] - box[0] >= 1 and box[3] - box[1] >= 1 and w > 0 and h > 0):
             counts["degenerate"] += 1
