@@ -35,6 +35,7 @@ class Config:
     batch: float
     fraction: float
     single_cls: bool
+    freeze: int
     device: str
     workers: int
     threads: int
@@ -127,6 +128,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_det": (lambda v: v >= 1, "an integer >= 1"),
     "patience": (lambda v: v >= 0, "an integer >= 0 (0 = never stop early)"),
     "save_period": (lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "freeze": (lambda v: v >= 0, "a number of blocks >= 0 (10 = the backbone)"),
     "degrees": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
     "shear": (lambda v: 0 <= v <= 90, "a number of degrees in [0, 90]"),
     "name": (lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a folder name without '/'"),

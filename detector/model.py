@@ -196,6 +196,25 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.head(self.neck(*self.backbone(images)))
 
+    def blocks(self) -> list[nn.Module]:
+        """The blocks `freeze` counts, in data-flow order: the backbone's 10 (YOLOv8's layers 0-9, so freeze=10 is
+        the backbone there and here), then the neck's 6 that hold weights."""
+        backbone = [*self.backbone.stem, *self.backbone.stage3, *self.backbone.stage4, *self.backbone.stage5]
+        neck = self.neck
+        return backbone + [neck.top_down4, neck.top_down3, neck.down3, neck.bottom_up4, neck.down4, neck.bottom_up5]
+
+    def freeze(self, count: int) -> int:
+        """Stops the first `count` blocks' weights from training (their BatchNorm statistics still follow the data,
+        as in YOLOv8); returns how many parameters that holds still."""
+        blocks = self.blocks()
+        if count > len(blocks):
+            raise ConfigError(f"invalid value freeze={count}: this model has {len(blocks)} blocks to freeze "
+                              f"(10: the backbone, {len(blocks)}: backbone and neck)")
+        frozen = [p for block in blocks[:count] for p in block.parameters()]
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        return sum(p.numel() for p in frozen)
+
     def fuse(self) -> Detector:
         """Fold each BatchNorm into its convolution (inference only: the model must be in eval mode)."""
         for module in self.modules():

@@ -79,6 +79,10 @@ def build_detector(config: Config, num_classes: int, checkpoint: dict | None) ->
         model = build_model(config.model, num_classes)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["raw_model"])
+    if config.freeze:
+        frozen = model.freeze(config.freeze)
+        logger.info("freeze=%d: %d of %d parameters stay as they start", config.freeze, frozen,
+                    sum(p.numel() for p in model.parameters()))
     # channels_last: NHWC weights as well as inputs, so oneDNN (CPU) and cuDNN skip a reorder per convolution.
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 

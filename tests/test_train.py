@@ -150,6 +150,20 @@ def test_single_cls_trains_one_class_and_val_scores_it_the_same_way(tiny_setup, 
     assert again["metrics/mAP50-95"] == pytest.approx(metrics["metrics/mAP50-95"], rel=0.05)
 
 
+def test_freeze_keeps_the_backbone_as_it_started_and_trains_the_rest(tiny_setup, tmp_path):
+    train(settings(tiny_setup, tmp_path, epochs=1, val=False, name="start"), progress=False)
+    start = tmp_path / "start" / "weights" / "last.pt"
+    train(settings(tiny_setup, tmp_path, epochs=2, val=False, name="tuned", model=str(start), freeze=10),
+          progress=False)
+    before, after = load_checkpoint(start)["model"], load_checkpoint(tmp_path / "tuned" / "weights" / "last.pt")
+    weights = [k for k in after["raw_model"] if k.endswith((".weight", ".bias"))]  # not BatchNorm's statistics
+    backbone = [k for k in weights if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(before[k], after["raw_model"][k]) for k in backbone)
+    assert not all(torch.equal(before[k], after["raw_model"][k]) for k in weights if k.startswith("neck."))
+    with pytest.raises(ConfigError, match=r"freeze=17: this model has 16 blocks to freeze \(10: the backbone"):
+        train(settings(tiny_setup, tmp_path, epochs=1, name="too_many", freeze=17), progress=False)
+
+
 def test_progress_in_a_log_file_is_one_line_per_epoch_and_no_validation_bar(tiny_setup, tmp_path, capsys):
     """stderr is not a terminal here, as in CI or under nohup: what the bars write there stays in the log."""
     train(settings(tiny_setup, tmp_path, epochs=2), progress=True)
