@@ -33,7 +33,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise DetectorError(f"checkpoint {path} is a folder: give a .pt file, e.g. {path / 'weights' / 'last.pt'}")
     if not path.is_file():
-        raise DetectorError(f"checkpoint {path} does not exist: check the path")
+        raise DetectorError(f"checkpoint {path} does not exist: check the path (model=n, s or m builds a new model)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -151,12 +151,21 @@ def load_defaults() -> dict[str, Any]:
         return yaml.safe_load(file)
 
 
+# Keys of the best-known YOLO trainer that have no setting here, and what to do instead.
+ULTRALYTICS_KEYS = {
+    "task": "this package trains detectors only: leave task= out",
+    "mode": "train.py trains; 'detector val|predict|export' do the rest",
+    "pretrained": "start from weights with model=<a .pt this package wrote>",
+}
+
+
 def check_keys(overrides: Mapping[str, Any], source: str = "argument") -> None:
     """Raise ConfigError for the first key that is not a setting, with the closest valid names."""
     for key in overrides:
         if key not in FIELDS:
             close = difflib.get_close_matches(str(key), FIELDS, n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}?" if close else "run 'python train.py help' for the list"
+            hint = ULTRALYTICS_KEYS.get(key, hint)
             raise ConfigError(f"unknown {source} '{key}': {hint}")
 
 

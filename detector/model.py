@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -239,8 +240,11 @@ def load_scale(spec: str | Path) -> dict[str, Any]:
     path = MODELS_DIR / f"{text}.yaml" if (MODELS_DIR / f"{text}.yaml").is_file() else Path(text)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
+        yolo = re.fullmatch(r"yolo(?:v\d+|\d+)([nsmlx])(?:\.yaml)?", Path(text).name)
+        hint = f" ({text} is an Ultralytics model: model={yolo.group(1)} is this package's, built like YOLOv8" \
+            f"{yolo.group(1)})" if yolo and yolo.group(1) in known.split(", ") else ""
         raise ConfigError(f"invalid value model={text!r}: expected a scale ({known}), a model YAML path "
-                          "or a .pt checkpoint")
+                          f"or a .pt checkpoint{hint}")
     try:
         scale = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:

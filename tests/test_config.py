@@ -31,6 +31,7 @@ def test_batch_semantics(batch, fraction):
 
 @pytest.mark.parametrize(("args", "words"), [
     (["epoch=3"], ["unknown", "epoch", "did you mean", "epochs"]),
+    (["pretrained=true"], ["unknown", "pretrained", "model=<a .pt"]),  # an Ultralytics key: what to do here
     (["batch=abc"], ["batch='abc'", "a number"]),
     (["batch=0"], ["batch='0'", "-1", "fraction"]),
     (["batch=-2"], ["batch='-2'", "whole number"]),
@@ -51,6 +52,16 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(args, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_an_ultralytics_model_name_points_to_the_scale_built_like_it():
+    from detector.model import load_scale
+
+    with pytest.raises(ConfigError, match=r"model='yolov8s.yaml'.*\(yolov8s.yaml is an Ultralytics model: model=s is "
+                                          r"this package's, built like YOLOv8s\)"):
+        load_scale("yolov8s.yaml")
+    with pytest.raises(ConfigError, match=r"a \.pt checkpoint$"):  # no hint for a scale this package lacks
+        load_scale("yolov8x.yaml")
 
 
 @pytest.mark.parametrize(("value", "wanted"), [("auto", "auto"), ("AUTO", "auto"), ("ram", "true"), (True, "true"),
