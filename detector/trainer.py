@@ -50,26 +50,32 @@ from detector.runs import make_run_dir, select_device, set_threads, setup_loggin
 logger = logging.getLogger(__name__)
 
 
-def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | None]:
+def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | None, dict | None]:
     """Merge defaults < data card < checkpoint args (resume) < user overrides.
 
-    Returns the config, the data card and, on resume, the checkpoint to continue from.
+    Returns the config, the data card, on resume the checkpoint to continue from, and otherwise the model=<.pt>
+    checkpoint to start from (each read once).
     """
     select_device(make_config(overrides).device)  # fail on a bad value before any data is touched
     checkpoint, ckpt_args, overrides = resume_checkpoint(overrides)
-    if checkpoint is None and str(overrides.get("model", "")).endswith(".pt"):
-        load_checkpoint(overrides["model"])  # an unusable file fails here, not after the datasets are read
+    model = str(overrides.get("model", ""))
+    # An unusable file fails here, before the data card fetches, converts or scans anything.
+    start = load_checkpoint(model) if checkpoint is None and model.endswith(".pt") else None
     data_spec = overrides.get("data", ckpt_args.get("data", load_defaults()["data"]))
     card = load_data_card(str(data_spec))
     check_keys(card.settings, source=f"key in data card {data_spec}:")  # a card's other keys are settings
     config = make_config(card.settings, ckpt_args, overrides)
-    return config, card, checkpoint
+    if checkpoint is None and start is None and config.model.endswith(".pt"):
+        start = load_checkpoint(config.model)  # named by the data card
+    return config, card, checkpoint, start
 
 
-def build_detector(config: Config, num_classes: int, checkpoint: dict | None) -> Detector:
-    """A fresh model of the configured scale, or one initialised from a .pt checkpoint."""
-    if config.model.endswith(".pt"):
-        start = load_checkpoint(config.model)
+def build_detector(config: Config, num_classes: int, checkpoint: dict | None, start: dict | None) -> Detector:
+    """The resumed run's model (`checkpoint`), one initialised from the model=<.pt> `start`, or a fresh one."""
+    if checkpoint is not None:  # its own shape and weights, whether or not the file it started from is still there
+        model = Detector(**checkpoint["model_args"])
+        model.load_state_dict(checkpoint["raw_model"])
+    elif start is not None:
         model = Detector(**{**start["model_args"], "num_classes": num_classes})
         state = {k: v for k, v in start["model"].items() if k in model.state_dict()
                  and v.shape == model.state_dict()[k].shape}
@@ -77,8 +83,6 @@ def build_detector(config: Config, num_classes: int, checkpoint: dict | None) ->
         logger.info("initialised %d/%d tensors from %s", len(state), len(model.state_dict()), config.model)
     else:
         model = build_model(config.model, num_classes)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["raw_model"])
     if config.freeze:
         frozen = model.freeze(config.freeze)
         logger.info("freeze=%d: %d of %d parameters stay as they start", config.freeze, frozen,
@@ -91,7 +95,7 @@ class Trainer:
     """One training run: set up every stage from the config, then fit()."""
 
     def __init__(self, overrides: dict[str, Any], progress: bool = True):
-        self.config, self.card, checkpoint = resolve_config(overrides)
+        self.config, self.card, checkpoint, start = resolve_config(overrides)
         config = self.config
         self.device = distributed.setup(select_device(config.device))
         self.world, self.main = distributed.world_size(), distributed.is_main()
@@ -109,7 +113,7 @@ class Trainer:
                                     skip_bad_images=config.skip_bad_images, single_cls=config.single_cls)
         self.names = self.train_data.names
         self.train_size = max(math.ceil(len(self.train_data) * config.fraction), 1)
-        self.model = build_detector(config, len(self.names), checkpoint).to(self.device)
+        self.model = build_detector(config, len(self.names), checkpoint, start).to(self.device)
         self.criterion = DetectionLoss(num_classes=len(self.names), strides=self.model.strides,
                                        reg_max=self.model.reg_max, box_gain=config.box,
                                        cls_gain=config.cls, dfl_gain=config.dfl, world_size=self.world)

@@ -160,6 +160,10 @@ def test_freeze_keeps_the_backbone_as_it_started_and_trains_the_rest(tiny_setup,
     backbone = [k for k in weights if k.startswith("backbone.")]
     assert backbone and all(torch.equal(before[k], after["raw_model"][k]) for k in backbone)
     assert not all(torch.equal(before[k], after["raw_model"][k]) for k in weights if k.startswith("neck."))
+    # The run resumes from its own last.pt even when the file it started from is gone.
+    start.unlink()
+    train({"resume": str(tmp_path / "tuned" / "weights" / "last.pt"), "epochs": 3}, progress=False)
+    assert load_checkpoint(tmp_path / "tuned" / "weights" / "last.pt")["epoch"] == 3
     with pytest.raises(ConfigError, match=r"freeze=17: this model has 16 blocks to freeze \(10: the backbone"):
         train(settings(tiny_setup, tmp_path, epochs=1, name="too_many", freeze=17), progress=False)
 

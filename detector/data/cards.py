@@ -223,9 +223,8 @@ def _materialize(card: DataCard, raw: dict) -> None:
         zip_path.unlink(missing_ok=True)
     if not (card.train_images.is_dir() and card.val_images.is_dir()):
         raise DataError(_missing_message(card))
-    for images, json_path in ((card.train_images, card.train_json), (card.val_images, card.val_json)):
-        if not json_path.is_file():
-            _convert(card, images, json_path)
+    for split in ("train", "val"):
+        split_files(card, split)  # writes a JSON that is missing from YOLO labels
 
 
 def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
