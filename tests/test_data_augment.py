@@ -106,6 +106,14 @@ def test_letterbox_maps_boxes_and_back_exactly():
     assert (out[:top] == 114).all() and (out[top + 192:] == 114).all()
     x1, y1, x2, y2 = mapped[0].round().astype(int)
     assert out[y1 + 2:y2 - 2, x1 + 2:x2 - 2].min() == 255  # the white square is where its box says
+    # Into a rectangle: the same scale (the width still fills), and only the rows left over are padding.
+    rect, rect_boxes, rect_scale, (rect_x, rect_y) = letterbox(image, boxes, (224, 320))
+    assert rect.shape == (224, 320, 3) and rect_scale == scale and (rect_x, rect_y) == (0, (224 - 192) // 2)
+    np.testing.assert_array_equal(rect[int(rect_y):int(rect_y) + 192], out[top:top + 192])
+    np.testing.assert_allclose(rect_boxes, boxes * scale + [0, rect_y, 0, rect_y], atol=1e-4)
+    # A rectangle narrower than the image's aspect: the width decides the scale.
+    _, _, narrow_scale, (narrow_x, narrow_y) = letterbox(image, boxes, (320, 160))
+    assert narrow_scale == pytest.approx(160 / 500) and narrow_x == 0 and narrow_y == (320 - 96) // 2
 
 
 def test_round_image_size_rounds_up_with_a_warning(caplog):
@@ -152,17 +160,25 @@ def test_collate_in_a_worker_stacks_into_shared_memory(monkeypatch):
     assert images[1].unique().tolist() == [1]
 
 
-def test_val_loader_letterboxes_coco8(datasets_dir):
+def test_val_loader_letterboxes_coco8_in_rectangles_of_like_aspect(datasets_dir):
     root = datasets_dir / "coco8"
     dataset = CocoDataset(root / "images" / "val", root / "annotations" / "instances_val.json")
-    batch = next(iter(build_dataloader(dataset, train=False, image_size=320, batch_size=4, workers=0)))
-    assert batch.images.shape == (4, 3, 320, 320) and len(batch.targets) == 17
-    assert batch.image_ids.tolist() == dataset.image_ids
-    # input = original * scale + pad: the original boxes come back from the batch's targets.
-    first = batch.targets[batch.targets[:, 0] == 0, 2:].numpy()
-    restored = (first - np.tile(batch.pads[0].numpy(), 2)) / batch.scales[0].item()
-    np.testing.assert_allclose(restored, dataset.targets[0].boxes_xyxy, atol=1e-2)
-    assert batch.orig_sizes[0].tolist() == list(dataset.orig_size(0))
+    batches = list(build_dataloader(dataset, train=False, image_size=320, batch_size=2, workers=0))
+    # coco8's val has two landscape and two portrait images: each pair is one batch, padded only to a multiple of 32.
+    assert [tuple(b.images.shape[2:]) for b in batches] == [(256, 320), (320, 256)]
+    assert [i for b in batches for i in b.image_ids.tolist()] == [42, 61, 49, 36]  # ordered by height / width
+    assert sum(len(b.targets) for b in batches) == 17
+    for batch in batches:
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            # input = original * scale + pad: the original boxes come back from the batch's targets.
+            index = dataset.image_ids.index(image_id)
+            boxes = batch.targets[batch.targets[:, 0] == i, 2:].numpy()
+            restored = (boxes - np.tile(batch.pads[i].numpy(), 2)) / batch.scales[i].item()
+            np.testing.assert_allclose(restored, dataset.targets[index].boxes_xyxy, atol=1e-2)
+            assert batch.orig_sizes[i].tolist() == list(dataset.orig_size(index))
+            assert batch.scales[i].item() == pytest.approx(320 / max(dataset.orig_size(index)), rel=1e-3)
+    square = next(iter(build_dataloader(dataset, train=False, image_size=320, batch_size=4, workers=0)))
+    assert square.images.shape == (4, 3, 320, 320)  # a batch of both kinds needs the whole square
 
 
 def test_samples_depend_on_seed_epoch_index_only(tmp_path):

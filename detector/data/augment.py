@@ -40,31 +40,36 @@ def round_image_size(size: int) -> int:
 def resize_longest(image: np.ndarray, boxes_xyxy: np.ndarray, size: int
                    ) -> tuple[np.ndarray, np.ndarray, float]:
     """Resizes so the longest side is `size` (aspect kept); returns (image, boxes * scale, scale)."""
-    height, width = image.shape[:2]
-    scale = size / max(height, width)
+    return _rescale(image, boxes_xyxy, size / max(image.shape[:2]))
+
+
+def _rescale(image: np.ndarray, boxes_xyxy: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, float]:
     if scale != 1:
+        height, width = image.shape[:2]
         new_size = (max(round(width * scale), 1), max(round(height * scale), 1))
         image = cv2.resize(image, new_size, interpolation=cv2.INTER_LINEAR)
     return image, (boxes_xyxy * scale).astype(np.float32), scale
 
 
-def letterbox(image: np.ndarray, boxes_xyxy: np.ndarray, size: int
+def letterbox(image: np.ndarray, boxes_xyxy: np.ndarray, size: int | tuple[int, int]
               ) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
-    """Fits an image into a size x size square, keeping its aspect, padded with grey 114.
+    """Fits an image into a size x size square (or a (height, width) rectangle), keeping its aspect, padded
+    with grey 114 on both sides of the short direction.
 
     Args:
         image: uint8 (H, W, 3).
         boxes_xyxy: float (N, 4) pixels of `image`.
-        size: Side of the output square.
+        size: Side of the output square, or its (height, width).
 
     Returns:
-        (image uint8 (size, size, 3), boxes float32 (N, 4) with new = old * scale + pad,
+        (image uint8 (height, width, 3), boxes float32 (N, 4) with new = old * scale + pad,
         scale, (pad_x, pad_y)).
     """
-    resized, boxes, scale = resize_longest(image, boxes_xyxy, size)
+    out_height, out_width = (size, size) if isinstance(size, int) else size
+    resized, boxes, scale = _rescale(image, boxes_xyxy, min(out_height / image.shape[0], out_width / image.shape[1]))
     height, width = resized.shape[:2]
-    pad_x, pad_y = (size - width) // 2, (size - height) // 2
-    out = cv2.copyMakeBorder(resized, pad_y, size - height - pad_y, pad_x, size - width - pad_x,
+    pad_x, pad_y = (out_width - width) // 2, (out_height - height) // 2
+    out = cv2.copyMakeBorder(resized, pad_y, out_height - height - pad_y, pad_x, out_width - width - pad_x,
                              cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     boxes = boxes + np.array([pad_x, pad_y, pad_x, pad_y], np.float32)
     return out, boxes.astype(np.float32), scale, (float(pad_x), float(pad_y))

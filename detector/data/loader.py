@@ -32,7 +32,8 @@ class Batch:
     """A collated batch.
 
     Attributes:
-        images: uint8 (B, 3, S, S) RGB, channels_last in memory (engine.prepare_images sets the format).
+        images: uint8 (B, 3, H, W) RGB, channels_last in memory (engine.prepare_images sets the format); training
+            batches are S x S, validation batches the rectangle of their images (see DetectionDataset.batch_by_aspect).
         targets: float32 (N, 6) rows [batch_index, class, x1, y1, x2, y2] in input pixels.
         image_ids: int64 (B,) COCO image ids.
         scales: float32 (B,) letterbox scale (input = original * scale + pad); 1 for training samples.
@@ -100,8 +101,23 @@ class DetectionDataset(Dataset):
             self.indices = sorted(order[:max(math.ceil(count * fraction), 1)].tolist())
         else:
             self.indices = list(range(count))
+        self.shapes: list[tuple[int, int]] | None = None  # validation input (height, width) per position
         # Shared memory: persistent workers see set_epoch() of the main process.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def batch_by_aspect(self, batch_size: int) -> None:
+        """Orders the images by aspect ratio and letterboxes each run of `batch_size` positions (a batch of a
+        sequential loader) to one rectangle: the smallest multiples of 32 that hold all of its images with their
+        longest side at S. Validation then spends no compute on padding squares around wide or tall images.
+        """
+        sizes = np.array([self.dataset.orig_size(i) for i in self.indices], np.float64).reshape(-1, 2)
+        order = np.argsort(sizes[:, 0] / sizes[:, 1], kind="stable")
+        self.indices = [self.indices[i] for i in order]
+        sides = np.ceil(sizes[order] * (self.image_size / sizes[order].max(axis=1, keepdims=True)) / 32) * 32
+        self.shapes = []
+        for start in range(0, len(sides), batch_size):
+            height, width = sides[start:start + batch_size].max(axis=0)
+            self.shapes += [(int(height), int(width))] * len(sides[start:start + batch_size])
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch that seeds the augmentation (call before iterating)."""
@@ -121,7 +137,8 @@ class DetectionDataset(Dataset):
         orig_height, orig_width = self.dataset.orig_size(index)
         # A cached or reduced-scale decode may be smaller than the file: the batch maps from the file's pixels.
         cache_ratio = max(image.shape[:2]) / max(orig_height, orig_width)
-        image, boxes, scale, pad = letterbox(image, target.boxes_xyxy, self.image_size)
+        shape = self.shapes[position] if self.shapes is not None else self.image_size
+        image, boxes, scale, pad = letterbox(image, target.boxes_xyxy, shape)
         return Sample(image, Target(boxes, target.classes), image_id, scale * cache_ratio, pad,
                       (orig_height, orig_width))
 
@@ -185,7 +202,7 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
 
     Args:
         dataset: The images and boxes.
-        train: Shuffle and augment; else keep order and letterbox.
+        train: Shuffle and augment; else letterbox, in batches of images of like aspect (batch_by_aspect).
         image_size: Side S of the square inputs (a multiple of 32).
         batch_size: Images per batch.
         workers: Worker processes (0: load in the calling process; -1: the CPU cores of this rank that the
@@ -207,6 +224,8 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
     wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=augment,
                                mosaic=mosaic, fraction=fraction)
     sampler = None
+    if not train:
+        wrapped.batch_by_aspect(batch_size)
     if train:
         # The order of an epoch depends on (seed, epoch) alone, so a resumed run sees the same batches
         # as an uninterrupted one, and the ranks of a DDP run split one order between them: together
