@@ -120,7 +120,9 @@ class Model:
         Args:
             source: see detector/sources.py (e.g. "img.jpg", "dir/", "*.jpg", "clip.mp4", an (H, W, 3)
                 BGR array, a generator of arrays).
-            imgsz: letterbox size (default: the training size; an ONNX model's export size).
+            imgsz: letterbox size (default: the training size; an ONNX model's export size): the longest side of
+                each frame's input, which is the smallest multiples of 32 around the frame (an ONNX model's is
+                imgsz x imgsz, fixed at export).
             batch: frames per forward pass; -1 (or a fraction 0 < f < 1) lets AutoBatch choose from
                 forward-only steps, capped at the source's length when it is known.
             max_wait_ms: longest wait of a batch's first frame for the rest (None: until full), for streams.
@@ -153,7 +155,7 @@ class Model:
                             STREAM_MAX_BATCH if frames is None else max(frames, 1), settings.conf)
         results = predict(forward, source, names=names, category_ids=category_ids, image_size=image_size,
                           batch=batch, max_wait_ms=max_wait_ms, conf=settings.conf, iou=settings.iou,
-                          max_det=settings.max_det)
+                          max_det=settings.max_det, rect=not self.spec.endswith(".onnx"))
         if save_dir is not None:
             results = _saving(results, Path(save_dir))
         return results if stream else list(results)

@@ -1,7 +1,7 @@
 """Inference: a source -> batches of letterboxed frames -> forward -> NMS -> Results in original pixels, in order.
 
-The forward is anything that maps a uint8 batch (B, 3, S, S) RGB to decoded boxes and scores: the PyTorch
-detector (TorchForward) or an exported ONNX model (detector/export.py), so both share every other step.
+The forward is anything that maps a uint8 batch (B, 3, H, W) RGB to decoded boxes and scores: the PyTorch
+detector (TorchForward) or an exported ONNX model (detector/export.py, S x S only), so both share every other step.
 AutoBatch sizes the batch for inference from forward-only steps (inference_batch).
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from detector.autobatch import Decision, choose_batch
 from detector.autobatch_step import make_inference_step
-from detector.data.augment import letterbox
+from detector.data.augment import letterbox, rect_shape
 from detector.engine import autocast, prepare_images
 from detector.memory import MemoryProbe, probe_for
 from detector.postprocess import Detections, decode, non_max_suppression
@@ -29,7 +29,7 @@ from detector.sources import Frame, iter_batches, open_source
 
 logger = logging.getLogger(__name__)
 
-# uint8 (B, 3, S, S) RGB -> boxes_xyxy (B, A, 4) input pixels and class probabilities (B, A, C)
+# uint8 (B, 3, H, W) RGB -> boxes_xyxy (B, A, 4) input pixels and class probabilities (B, A, C)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 STREAM_MAX_BATCH = 1024  # AutoBatch's cap when a stream's length is unknown (a generator)
@@ -51,14 +51,15 @@ class TorchForward:
 @dataclass
 class _Letterboxed:
     frame: Frame
-    image: np.ndarray  # uint8 (S, S, 3) RGB
+    image: np.ndarray  # uint8 (H, W, 3) RGB
     scale: float
     pad: tuple[float, float]
 
 
-def _letterbox(frame: Frame, image_size: int) -> _Letterboxed:
+def _letterbox(frame: Frame, image_size: int, rect: bool) -> _Letterboxed:
     rgb = cv2.cvtColor(frame.image, cv2.COLOR_BGR2RGB)
-    image, _, scale, pad = letterbox(rgb, np.zeros((0, 4), np.float32), image_size)
+    shape = rect_shape(*rgb.shape[:2], image_size) if rect else image_size
+    image, _, scale, pad = letterbox(rgb, np.zeros((0, 4), np.float32), shape)
     return _Letterboxed(frame, image, scale, pad)
 
 
@@ -79,7 +80,7 @@ def _to_result(item: _Letterboxed, found: Detections, names: list[str], category
 
 def predict(forward: Forward, source, *, names: list[str], category_ids: list[int], image_size: int,
             batch: int = 8, max_wait_ms: float | None = None, conf: float = 0.25, iou: float = 0.7,
-            max_det: int = 300) -> Iterator[Result]:
+            max_det: int = 300, rect: bool = True) -> Iterator[Result]:
     """Detect objects in every frame of `source`, `batch` frames per forward pass; results in source order.
 
     Frames are read and letterboxed in a background thread and grouped as they arrive (see
@@ -87,22 +88,34 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
     after its first frame arrived, full or not.
 
     Args:
-        forward: uint8 (B, 3, S, S) RGB -> boxes_xyxy (B, A, 4) in input pixels, scores (B, A, C).
+        forward: uint8 (B, 3, H, W) RGB -> boxes_xyxy (B, A, 4) in input pixels, scores (B, A, C).
         source: a path, glob, folder, video, array, or a list or iterable of them (detector/sources.py).
         names, category_ids: class names and COCO category ids of the class indices.
-        image_size: side S of the letterboxed square (a multiple of 32).
+        image_size: longest side S of the letterboxed input (a multiple of 32).
         batch: most frames per forward pass.
         max_wait_ms: longest wait of a batch's first frame for the rest (None: until the batch is full).
         conf, iou, max_det: NMS settings (detector/postprocess.py).
+        rect: letterbox each frame to the smallest multiples of 32 around it (a 16:9 video at 640 runs at 640 x
+            384), a group of frames of several shapes taking one forward per shape; False: S x S squares, all an
+            ONNX model takes.
 
     Yields:
         One Result per frame, in source order.
     """
-    prepare = partial(_letterbox, image_size=image_size)
+    prepare = partial(_letterbox, image_size=image_size, rect=rect)
     for group in iter_batches(open_source(source), batch, max_wait_ms, transform=prepare):
-        images = torch.from_numpy(np.stack([item.image for item in group]).transpose(0, 3, 1, 2))
-        boxes, scores = forward(images)
-        found = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+        # One forward per input shape in the group: no frame is padded past its own rectangle, so what is found
+        # in a frame does not depend on the frames batched with it.
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for position, item in enumerate(group):
+            by_shape.setdefault(item.image.shape, []).append(position)
+        found: list[Detections | None] = [None] * len(group)
+        for positions in by_shape.values():
+            images = torch.from_numpy(np.stack([group[i].image for i in positions]).transpose(0, 3, 1, 2))
+            boxes, scores = forward(images)
+            detections = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+            for position, detected in zip(positions, detections, strict=True):
+                found[position] = detected
         for item, detections in zip(group, found, strict=True):
             yield _to_result(item, detections, names, category_ids)
 

@@ -12,7 +12,7 @@ from detector import Model
 from detector.data.augment import letterbox
 from detector.errors import ConfigError, DetectorError
 from detector.export import OnnxForward
-from detector.predict import TorchForward
+from detector.predict import TorchForward, predict
 from detector.sources import open_source
 from tests.conftest import REPO
 
@@ -51,8 +51,11 @@ def test_onnxruntime_matches_pytorch_on_coco8_val(exported, coco8_checkpoint, da
         assert boxes.shape == (len(batch), 525, 4) and scores.shape == (len(batch), 525, 80)
         assert (boxes - torch_boxes[:len(batch)]).abs().max() < 1e-3  # input pixels
         assert (scores - torch_scores[:len(batch)]).abs().max() < 1e-5
-    # Whole predictions, through letterbox, NMS and back to original pixels.
-    expected = model.predict(val, imgsz=160, batch=4, conf=0.45)
+    # Whole predictions, through letterbox, NMS and back to original pixels. The ONNX input is fixed at S x S, so
+    # the PyTorch side takes squares too (Model.predict letterboxes .pt models to each frame's rectangle).
+    expected = list(predict(TorchForward(model.detector.fused_copy(), torch.device("cpu")), val, names=model.names,
+                            category_ids=model.checkpoint["category_ids"], image_size=160, batch=4, conf=0.45,
+                            rect=False))
     found = Model(exported).predict(val, batch=3, conf=0.45)
     assert sum(len(r.scores) for r in expected) > 20
     for a, b in zip(expected, found, strict=True):

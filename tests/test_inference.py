@@ -125,6 +125,45 @@ def injected(monkeypatch):
     memory.handle.remove()
 
 
+def white_box_forward(seen_shapes: list):
+    """A forward whose one detection per image is the box around its white pixels, in input pixels."""
+
+    def forward(images: torch.Tensor):
+        seen_shapes.append(tuple(images.shape))
+        boxes = []
+        for image in images:
+            rows, cols = (image.min(dim=0).values == 255).nonzero(as_tuple=True)
+            boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+        return torch.tensor(boxes, dtype=torch.float32)[:, None], torch.ones(len(images), 1, 1)
+
+    return forward
+
+
+def test_predict_letterboxes_each_frame_to_its_rectangle_and_maps_boxes_back_in_order():
+    from detector.predict import predict
+
+    def frame(height, width, box):
+        image = np.full((height, width, 3), 40, np.uint8)
+        x1, y1, x2, y2 = box
+        image[y1:y2, x1:x2] = 255
+        return image
+
+    wide, tall = frame(100, 200, (20, 30, 60, 70)), frame(300, 150, (100, 150, 140, 290))
+    for frames, rect, shapes in (([wide, wide], True, [(2, 3, 64, 128)]),  # 128 x 64, nothing padded
+                                 ([tall, wide, tall], True, [(2, 3, 128, 64), (1, 3, 64, 128)]),  # a forward per shape
+                                 ([wide, tall], False, [(2, 3, 128, 128)])):
+        seen = []
+        results = list(predict(white_box_forward(seen), frames, names=["white"], category_ids=[1], image_size=128,
+                               batch=len(frames), rect=rect))
+        assert seen == shapes
+        assert [r.index for r in results] == list(range(len(frames)))
+        for result, image in zip(results, frames, strict=True):
+            rows, cols = (image[..., 0] == 255).nonzero()
+            # Within a pixel of the input, which is 128 / 200 (wide) or 128 / 300 (tall) of the original.
+            np.testing.assert_allclose(result.boxes_xyxy[0], [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1],
+                                       atol=max(image.shape[:2]) / 128)
+
+
 def test_batch_minus_one_predicts_at_autobatch_choice_from_forward_only_steps(coco8_checkpoint, crops, injected):
     model = Model(coco8_checkpoint)
     frames = crops * 3  # 24 frames

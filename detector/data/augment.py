@@ -37,6 +37,12 @@ def round_image_size(size: int) -> int:
     return rounded
 
 
+def rect_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) of the smallest multiples of 32 that hold an image of this size scaled to longest side `size`."""
+    scale = size / max(height, width)
+    return math.ceil(height * scale / 32) * 32, math.ceil(width * scale / 32) * 32
+
+
 def resize_longest(image: np.ndarray, boxes_xyxy: np.ndarray, size: int
                    ) -> tuple[np.ndarray, np.ndarray, float]:
     """Resizes so the longest side is `size` (aspect kept); returns (image, boxes * scale, scale)."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from detector.data.augment import TrainTransform, letterbox
+from detector.data.augment import TrainTransform, letterbox, rect_shape
 from detector.data.coco import CocoDataset, Target
 from detector.distributed import cpu_share
 
@@ -110,14 +110,14 @@ class DetectionDataset(Dataset):
         sequential loader) to one rectangle: the smallest multiples of 32 that hold all of its images with their
         longest side at S. Validation then spends no compute on padding squares around wide or tall images.
         """
-        sizes = np.array([self.dataset.orig_size(i) for i in self.indices], np.float64).reshape(-1, 2)
-        order = np.argsort(sizes[:, 0] / sizes[:, 1], kind="stable")
+        sizes = [self.dataset.orig_size(i) for i in self.indices]
+        order = sorted(range(len(sizes)), key=lambda i: sizes[i][0] / sizes[i][1])
         self.indices = [self.indices[i] for i in order]
-        sides = np.ceil(sizes[order] * (self.image_size / sizes[order].max(axis=1, keepdims=True)) / 32) * 32
+        sides = [rect_shape(*sizes[i], self.image_size) for i in order]
         self.shapes = []
         for start in range(0, len(sides), batch_size):
-            height, width = sides[start:start + batch_size].max(axis=0)
-            self.shapes += [(int(height), int(width))] * len(sides[start:start + batch_size])
+            group = sides[start:start + batch_size]
+            self.shapes += [(max(h for h, _ in group), max(w for _, w in group))] * len(group)
 
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch that seeds the augmentation (call before iterating)."""
