@@ -21,7 +21,7 @@ from detector.errors import ConfigError, DataError, DetectorError
 from detector.export import ONNX_OPSET, OnnxForward, export_onnx
 from detector.metrics import coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model, model_info
-from detector.predict import STREAM_MAX_BATCH, TorchForward, inference_batch, predict
+from detector.predict import STREAM_MAX_BATCH, TorchForward, class_indices, inference_batch, predict
 from detector.results import Result
 from detector.runs import select_device, set_threads, setup_logging
 from detector.sources import count_frames
@@ -110,7 +110,7 @@ class Model:
         return {**metrics.as_row(), "fitness": metrics.fitness}
 
     def predict(self, source, *, imgsz: int | None = None, batch: float = 8, max_wait_ms: float | None = None,
-                conf: float = 0.25, iou: float = 0.7, max_det: int = 300, device: str = "",
+                conf: float = 0.25, iou: float = 0.7, max_det: int = 300, classes=None, device: str = "",
                 save_dir: str | Path | None = None, stream: bool = False) -> list[Result] | Iterator[Result]:
         """Detect objects in images, videos, folders, globs, arrays, or a list or iterable of them.
 
@@ -127,6 +127,8 @@ class Model:
                 forward-only steps, capped at the source's length when it is known.
             max_wait_ms: longest wait of a batch's first frame for the rest (None: until full), for streams.
             conf, iou, max_det: NMS settings.
+            classes: detect only these classes: indices or names, as a list, or one, or comma-separated text
+                ("0,2", "person,car"); None detects all.
             device: '', cpu, cuda, 0, cuda:0.
             save_dir: write each image drawn with its boxes there.
             stream: return a generator (results as they are ready) instead of a list.
@@ -155,7 +157,8 @@ class Model:
                             STREAM_MAX_BATCH if frames is None else max(frames, 1), settings.conf)
         results = predict(forward, source, names=names, category_ids=category_ids, image_size=image_size,
                           batch=batch, max_wait_ms=max_wait_ms, conf=settings.conf, iou=settings.iou,
-                          max_det=settings.max_det, rect=not self.spec.endswith(".onnx"))
+                          max_det=settings.max_det, rect=not self.spec.endswith(".onnx"),
+                          classes=class_indices(classes, names))
         if save_dir is not None:
             results = _saving(results, Path(save_dir))
         return results if stream else list(results)

@@ -37,7 +37,7 @@ def decode(outputs: list[torch.Tensor], strides: tuple[int, ...], reg_max: int) 
 
 
 def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf: float = 0.25, iou: float = 0.7,
-                        max_det: int = 300) -> list[Detections]:
+                        max_det: int = 300, classes: list[int] | None = None) -> list[Detections]:
     """Class-wise NMS over a whole batch in one torchvision call.
 
     An anchor may yield one detection per class whose score passes `conf` (several labels per box
@@ -49,12 +49,19 @@ def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf:
         conf: lowest score kept.
         iou: boxes of the same image and class overlapping more than this with a better one are dropped.
         max_det: most detections kept per image.
+        classes: class indices to detect (None: all); the others never become candidates, so they take
+            none of the max_det places.
 
     Returns:
         One Detections per image.
     """
     batch, _, num_classes = scores.shape
-    image, anchor, cls = (scores > conf).nonzero(as_tuple=True)
+    passing = scores > conf
+    if classes is not None:
+        wanted = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
+        wanted[list(classes)] = True
+        passing &= wanted
+    image, anchor, cls = passing.nonzero(as_tuple=True)
     candidate_scores = scores[image, anchor, cls]
     if len(candidate_scores) > MAX_CANDIDATES:
         top = candidate_scores.topk(MAX_CANDIDATES).indices

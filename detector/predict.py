@@ -22,6 +22,7 @@ from detector.autobatch import Decision, choose_batch
 from detector.autobatch_step import make_inference_step
 from detector.data.augment import letterbox, rect_shape
 from detector.engine import autocast, prepare_images
+from detector.errors import ConfigError
 from detector.memory import MemoryProbe, probe_for
 from detector.postprocess import Detections, decode, non_max_suppression
 from detector.results import Result
@@ -78,9 +79,30 @@ def _to_result(item: _Letterboxed, found: Detections, names: list[str], category
                   frame.image if keep_image else None)
 
 
+def class_indices(classes, names: list[str]) -> list[int] | None:
+    """`classes=` as class indices: None, an index or name, a list of them, or comma-separated text ("0,2",
+    "person,car"). An index out of range or an unknown name is a ConfigError naming the model's classes."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        items = classes.split(",")
+    else:
+        items = list(classes) if isinstance(classes, list | tuple) else [classes]
+    indices = []
+    for item in items:
+        text = str(item).strip()
+        index = int(text) if text.lstrip("-").isdigit() else names.index(text) if text in names else None
+        if index is None or not 0 <= index < len(names):
+            shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:5])) + (", ..." if len(names) > 5 else "")
+            raise ConfigError(f"invalid value classes={classes!r}: {text!r} is not one of the model's {len(names)} "
+                              f"classes ({shown}); give indices 0-{len(names) - 1} or names")
+        indices.append(index)
+    return indices
+
+
 def predict(forward: Forward, source, *, names: list[str], category_ids: list[int], image_size: int,
             batch: int = 8, max_wait_ms: float | None = None, conf: float = 0.25, iou: float = 0.7,
-            max_det: int = 300, rect: bool = True) -> Iterator[Result]:
+            max_det: int = 300, rect: bool = True, classes: list[int] | None = None) -> Iterator[Result]:
     """Detect objects in every frame of `source`, `batch` frames per forward pass; results in source order.
 
     Frames are read and letterboxed in a background thread and grouped as they arrive (see
@@ -94,7 +116,7 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
         image_size: longest side S of the letterboxed input (a multiple of 32).
         batch: most frames per forward pass.
         max_wait_ms: longest wait of a batch's first frame for the rest (None: until the batch is full).
-        conf, iou, max_det: NMS settings (detector/postprocess.py).
+        conf, iou, max_det, classes: NMS settings (detector/postprocess.py).
         rect: letterbox each frame to the smallest multiples of 32 around it (a 16:9 video at 640 runs at 640 x
             384), a group of frames of several shapes taking one forward per shape; False: S x S squares, all an
             ONNX model takes.
@@ -113,7 +135,7 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
         for positions in by_shape.values():
             images = torch.from_numpy(np.stack([group[i].image for i in positions]).transpose(0, 3, 1, 2))
             boxes, scores = forward(images)
-            detections = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+            detections = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det, classes=classes)
             for position, detected in zip(positions, detections, strict=True):
                 found[position] = detected
         for item, detections in zip(group, found, strict=True):

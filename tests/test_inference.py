@@ -164,6 +164,47 @@ def test_predict_letterboxes_each_frame_to_its_rectangle_and_maps_boxes_back_in_
                                        atol=max(image.shape[:2]) / 128)
 
 
+def test_nms_classes_keeps_only_those_and_frees_their_places():
+    from detector.postprocess import non_max_suppression
+
+    boxes = torch.tensor([[[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]], dtype=torch.float32)
+    scores = torch.tensor([[[0.9, 0.3], [0.8, 0.4], [0.1, 0.5]]])
+    everything = non_max_suppression(boxes, scores, conf=0.25, max_det=2)[0]
+    assert everything.classes.tolist() == [0, 0]  # class 0's two best boxes take max_det's places
+    only_one = non_max_suppression(boxes, scores, conf=0.25, max_det=2, classes=[1])[0]
+    assert only_one.classes.tolist() == [1, 1] and only_one.scores.tolist() == pytest.approx([0.5, 0.4])
+
+
+def test_classes_are_indices_or_names_and_a_wrong_one_is_one_config_error():
+    from detector.errors import ConfigError
+    from detector.predict import class_indices
+
+    names = ["person", "bicycle", "car"]
+    assert class_indices(None, names) is None
+    assert class_indices("0,2", names) == [0, 2]
+    assert class_indices("person, car", names) == [0, 2]
+    assert class_indices(["car", 1], names) == [2, 1]
+    assert class_indices(1, names) == [1]
+    for bad in ("3", "persn", [-1], "0,,2"):
+        with pytest.raises(ConfigError, match=r"^invalid value classes=.* is not one of the model's 3 classes "
+                                              r"\(0 person, 1 bicycle, 2 car\); give indices 0-2 or names$"):
+            class_indices(bad, names)
+
+
+def test_predict_classes_gives_the_detections_of_those_classes(coco8_checkpoint, crops):
+    model = Model(coco8_checkpoint)
+    everything = model.predict(crops, conf=0.2)
+    assert all(len(r.scores) < 300 for r in everything)  # max_det does not bind: no place to free
+    found = [c for r in everything for c in r.classes.tolist()]
+    wanted = sorted(set(found), key=found.count)[-2:]  # the two classes found most
+    chosen = model.predict(crops, conf=0.2, classes=",".join(model.names[c] for c in wanted))
+    assert sum(len(r.scores) for r in chosen) < len(found)
+    for a, b in zip(everything, chosen, strict=True):
+        mine = np.isin(a.classes, wanted)
+        np.testing.assert_array_equal(a.classes[mine], b.classes)
+        np.testing.assert_allclose(a.boxes_xyxy[mine], b.boxes_xyxy, atol=1e-4)
+
+
 def test_batch_minus_one_predicts_at_autobatch_choice_from_forward_only_steps(coco8_checkpoint, crops, injected):
     model = Model(coco8_checkpoint)
     frames = crops * 3  # 24 frames
