@@ -11,7 +11,7 @@ import torch
 
 from detector.atomic import file_in_the_way
 from detector.checkpoint import load_checkpoint
-from detector.config import make_config
+from detector.config import class_indices, make_config
 from detector.data.augment import round_image_size
 from detector.data.cards import load_data_card, split_files
 from detector.data.coco import CocoDataset
@@ -21,7 +21,7 @@ from detector.errors import ConfigError, DataError, DetectorError
 from detector.export import ONNX_OPSET, OnnxForward, export_onnx
 from detector.metrics import coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model, model_info
-from detector.predict import STREAM_MAX_BATCH, TorchForward, class_indices, inference_batch, predict
+from detector.predict import STREAM_MAX_BATCH, TorchForward, inference_batch, predict
 from detector.results import Result
 from detector.runs import select_device, set_threads, setup_logging
 from detector.sources import count_frames
@@ -84,11 +84,13 @@ class Model:
         self._require_weights("val")
         setup_logging()
         config = make_config({**self.checkpoint["config"], "resume": False, **overrides})
-        images, annotation_json = split_files(load_data_card(config.data), split)
+        card = load_data_card(config.data)
+        images, annotation_json = split_files(card, split)
         device = select_device(config.device)
         set_threads(config.threads)
+        classes = class_indices(config.classes, card.names)  # the data's classes, before single_cls
         dataset = CocoDataset(images, annotation_json, skip_bad_images=config.skip_bad_images,
-                              single_cls=config.single_cls)
+                              single_cls=config.single_cls, classes=classes)
         if len(self.names) != len(dataset.names):
             raise DataError(f"the model knows {len(self.names)} classes ({', '.join(self.names[:3])}, ...) but "
                             f"{annotation_json.name} has {len(dataset.names)} ({', '.join(dataset.names[:3])}, ...): "
@@ -99,9 +101,10 @@ class Model:
         loader = build_dataloader(dataset, train=False, image_size=image_size, batch_size=batch,
                                   workers=config.workers, seed=config.seed, device=device)
         detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
-                                               conf=config.conf, iou=config.iou, max_det=config.max_det)
+                                               conf=config.conf, iou=config.iou, max_det=config.max_det,
+                                               classes=None if config.single_cls else classes)
         names = dict(zip(dataset.category_ids, dataset.names, strict=True))
-        truth = load_ground_truth(dataset.annotation_json, config.single_cls)
+        truth = load_ground_truth(dataset.annotation_json, config.single_cls, classes)
         metrics = coco_evaluate(truth, detections, image_ids, names)
         for line in metrics.table(per_class=True):
             logger.info(line)

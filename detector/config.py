@@ -35,6 +35,7 @@ class Config:
     batch: float
     fraction: float
     single_cls: bool
+    classes: str
     freeze: int
     device: str
     workers: int
@@ -199,6 +200,9 @@ def convert(key: str, value: Any) -> Any:
             return "auto" if str(value).strip().lower() == "auto" else str(_bool(value, extra_true={"ram"})).lower()
         if key == "sync_bn":
             return "auto" if str(value).strip().lower() == "auto" else str(_bool(value)).lower()
+        if key == "classes":  # a list (Python, YAML) or "0,2" / "[0,2]" (command line) -> "0,2"
+            items = value if isinstance(value, list | tuple) else [] if value is None else [value]
+            return ",".join(str(item).strip(" []") for item in items)
         if key == "resume":
             return "" if value in (False, None) or str(value).lower() in _FALSE else str(value)
         if kind == "bool":
@@ -276,3 +280,24 @@ def describe() -> str:
             key, default, comment = match.groups()
             lines.append(f"  {key:<16} {default:<14} {comment}")
     return "settings (key=value, default, meaning):\n" + "\n".join(lines)
+
+
+def class_indices(classes, names: list[str]) -> list[int] | None:
+    """`classes=` as class indices: None or "" (all), an index or name, a list of them, or comma-separated text
+    ("0,2", "person,car"). An index out of range or an unknown name is a ConfigError naming the classes."""
+    if classes is None or classes == "":
+        return None
+    if isinstance(classes, str):
+        items = classes.split(",")
+    else:
+        items = list(classes) if isinstance(classes, list | tuple) else [classes]
+    indices = []
+    for item in items:
+        text = str(item).strip()
+        index = int(text) if text.lstrip("-").isdigit() else names.index(text) if text in names else None
+        if index is None or not 0 <= index < len(names):
+            shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:5])) + (", ..." if len(names) > 5 else "")
+            raise ConfigError(f"invalid value classes={classes!r}: {text!r} is not one of the {len(names)} classes "
+                              f"({shown}); give indices 0-{len(names) - 1} or names")
+        indices.append(index)
+    return indices

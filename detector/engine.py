@@ -235,8 +235,10 @@ def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_
 @torch.no_grad()
 def predict_loader(model: nn.Module, loader, *, device: torch.device, category_ids: list[int],
                    conf: float, iou: float, max_det: int, amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False, progress: bool = True) -> tuple[list[dict], list[int]]:
-    """Run the model over a validation loader; returns COCO detections (original pixels) and image ids.
+                   channels_last: bool = False, progress: bool = True, classes: list[int] | None = None
+                   ) -> tuple[list[dict], list[int]]:
+    """Run the model over a validation loader; returns COCO detections (original pixels) and image ids, of
+    `classes` only when given (the classes= setting).
 
     Callers pass the model as it should run: Detector.fused_copy() folds BatchNorm into the convolutions
     (the same outputs up to float rounding; 1.07x faster on CPU, docs/inference.md).
@@ -247,7 +249,7 @@ def predict_loader(model: nn.Module, loader, *, device: torch.device, category_i
     for batch in tqdm(loader, desc="validating", disable=not progress or not sys.stderr.isatty(), leave=False,
                       dynamic_ncols=True):
         results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=max_det,
-                          amp_dtype=amp_dtype, channels_last=channels_last)
+                          amp_dtype=amp_dtype, channels_last=channels_last, classes=classes)
         for i, result in enumerate(results):
             image_id = int(batch.image_ids[i])
             image_ids.append(image_id)
@@ -257,13 +259,13 @@ def predict_loader(model: nn.Module, loader, *, device: torch.device, category_i
 
 
 def _detect(model: nn.Module, images: torch.Tensor, *, device: torch.device, conf: float, iou: float, max_det: int,
-            amp_dtype: torch.dtype | None, channels_last: bool) -> list[Detections]:
+            amp_dtype: torch.dtype | None, channels_last: bool, classes: list[int] | None = None) -> list[Detections]:
     """A uint8 batch's detections in its input pixels."""
     inputs = prepare_images(images, device, channels_last)
     with autocast(device, amp_dtype):
         outputs = model(inputs)
     boxes, scores = decode([o.float() for o in outputs], model.strides, model.reg_max)
-    return non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+    return non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det, classes=classes)
 
 
 @torch.no_grad()

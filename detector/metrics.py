@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert, box_iou
 
-from detector.data.coco import single_class
+from detector.data.coco import relabel
 
 CONFUSION_CONF = 0.25  # score a detection needs to enter the confusion matrix (predict's default)
 CONFUSION_IOU = 0.45   # IoU at which a detection and a ground-truth box are taken for the same object
@@ -77,13 +77,12 @@ class DetectionMetrics(ClassMetrics):
         return {"per_class": {name: asdict(row) for name, row in self.per_class.items()}, "confusion_matrix": confusion}
 
 
-def load_ground_truth(annotation_json: Path, single_cls: bool = False) -> COCO:
-    """A COCO object for COCOeval, tolerating files that lack the optional area / iscrowd keys; single_cls puts
-    every box in one category, as the dataset trained with single_cls=true sees them."""
+def load_ground_truth(annotation_json: Path, single_cls: bool = False, classes: list[int] | None = None) -> COCO:
+    """A COCO object for COCOeval, tolerating files that lack the optional area / iscrowd keys; single_cls and
+    classes relabel it as the dataset trained with them sees it (detector.data.coco.relabel)."""
     with open(annotation_json, encoding="utf-8") as file:
         data = json.load(file)
-    if single_cls:
-        data = single_class(data)
+    data = relabel(data, classes, single_cls)
     for annotation in data.get("annotations", []):
         x, y, w, h = annotation["bbox"]
         annotation.setdefault("area", float(w) * float(h))

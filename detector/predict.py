@@ -22,7 +22,6 @@ from detector.autobatch import Decision, choose_batch
 from detector.autobatch_step import make_inference_step
 from detector.data.augment import letterbox, rect_shape
 from detector.engine import autocast, prepare_images
-from detector.errors import ConfigError
 from detector.memory import MemoryProbe, probe_for
 from detector.postprocess import Detections, decode, non_max_suppression
 from detector.results import Result
@@ -77,27 +76,6 @@ def _to_result(item: _Letterboxed, found: Detections, names: list[str], category
     return Result(frame.path, frame.index, xyxy.astype(np.float32), found.scores.float().cpu().numpy(),
                   found.classes.cpu().numpy().astype(np.int64), list(names), list(category_ids), frame.frame,
                   frame.image if keep_image else None)
-
-
-def class_indices(classes, names: list[str]) -> list[int] | None:
-    """`classes=` as class indices: None, an index or name, a list of them, or comma-separated text ("0,2",
-    "person,car"). An index out of range or an unknown name is a ConfigError naming the model's classes."""
-    if classes is None:
-        return None
-    if isinstance(classes, str):
-        items = classes.split(",")
-    else:
-        items = list(classes) if isinstance(classes, list | tuple) else [classes]
-    indices = []
-    for item in items:
-        text = str(item).strip()
-        index = int(text) if text.lstrip("-").isdigit() else names.index(text) if text in names else None
-        if index is None or not 0 <= index < len(names):
-            shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:5])) + (", ..." if len(names) > 5 else "")
-            raise ConfigError(f"invalid value classes={classes!r}: {text!r} is not one of the model's {len(names)} "
-                              f"classes ({shown}); give indices 0-{len(names) - 1} or names")
-        indices.append(index)
-    return indices
 
 
 def predict(forward: Forward, source, *, names: list[str], category_ids: list[int], image_size: int,

@@ -32,7 +32,7 @@ from detector.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from detector.config import Config, check_keys, load_defaults, make_config
+from detector.config import Config, check_keys, class_indices, load_defaults, make_config
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
@@ -106,11 +106,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         # Data first: a broken dataset fails here, before a run folder exists.
+        self.classes = class_indices(config.classes, self.card.names)
+        labels = {"skip_bad_images": config.skip_bad_images, "single_cls": config.single_cls, "classes": self.classes}
+        cache = config.cache if config.cache == "auto" else config.cache == "true"
         self.train_data = CocoDataset(self.card.train_images, self.card.train_json, max_size=config.imgsz,
-                                      cache=config.cache if config.cache == "auto" else config.cache == "true",
-                                      skip_bad_images=config.skip_bad_images, single_cls=config.single_cls)
-        self.val_data = CocoDataset(self.card.val_images, self.card.val_json,
-                                    skip_bad_images=config.skip_bad_images, single_cls=config.single_cls)
+                                      cache=cache, **labels)
+        self.val_data = CocoDataset(self.card.val_images, self.card.val_json, **labels)
         self.names = self.train_data.names
         self.train_size = max(math.ceil(len(self.train_data) * config.fraction), 1)
         self.model = build_detector(config, len(self.names), checkpoint, start).to(self.device)
@@ -129,7 +130,7 @@ class Trainer:
         self.start_epoch, self.best_fitness, self.rows = 0, -1.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.ground_truth = load_ground_truth(self.val_data.annotation_json, config.single_cls)
+        self.ground_truth = load_ground_truth(self.val_data.annotation_json, config.single_cls, self.classes)
         if self.main:
             atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in asdict(self.plan).items()))
@@ -274,6 +275,7 @@ class Trainer:
         detections, image_ids = predict_loader(
             model, loader, device=self.device, category_ids=self.val_data.category_ids, conf=self.config.conf,
             iou=self.config.iou, max_det=self.config.max_det, amp_dtype=self.ctx.amp_dtype,
+            classes=None if self.config.single_cls else self.classes,  # single_cls: the model's one class
             channels_last=self.ctx.channels_last, progress=self.progress)
         names = dict(zip(self.val_data.category_ids, self.val_data.names, strict=True))
         metrics = coco_evaluate(self.ground_truth, detections, image_ids, names, confusion=final)

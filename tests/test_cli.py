@@ -132,7 +132,7 @@ def test_inference_and_convert_arguments_must_be_known_key_value_pairs(coco8_che
     line = _one_error_line(run_detector("predict", f"model={coco8_checkpoint}", "source"))
     assert line == "error: argument 'source' is not key=value; run 'detector help' for the predict arguments"
     line = _one_error_line(run_detector("predict", f"model={coco8_checkpoint}", "source=x.jpg", "classes=persn"))
-    assert line.startswith("error: invalid value classes='persn': 'persn' is not one of the model's 80 classes (0 ")
+    assert line.startswith("error: invalid value classes='persn': 'persn' is not one of the 80 classes (0 ")
     line = _one_error_line(run_detector("export", f"model={coco8_checkpoint}", "format=onnx"))
     assert line == "error: unknown export argument 'format=onnx': expected key=value with key in file, imgsz"
     line = _one_error_line(run_detector("convert", "images=x", "output=y.json"))

@@ -87,6 +87,28 @@ def test_single_cls_puts_every_box_in_one_class_for_training_and_scoring(dataset
     assert {a["category_id"] for a in truth.anns.values()} == {1}
 
 
+def test_classes_keeps_only_their_boxes_for_training_and_scoring(datasets_dir):
+    from detector.metrics import load_ground_truth
+
+    root = datasets_dir / "coco8"
+    json_path = root / "annotations" / "instances_val.json"
+    every = CocoDataset(root / "images" / "val", json_path)
+    counts = np.bincount(np.concatenate([t.classes for t in every.targets]))
+    kept = [int(c) for c in np.argsort(counts)[-2:]]  # the two classes with most boxes
+    some = CocoDataset(root / "images" / "val", json_path, classes=kept)
+    assert some.names == every.names and some.image_ids == every.image_ids  # classes and images stay
+    for a, b in zip(every.targets, some.targets, strict=True):
+        mine = np.isin(a.classes, kept)
+        np.testing.assert_array_equal(a.boxes_xyxy[mine], b.boxes_xyxy)
+        np.testing.assert_array_equal(a.classes[mine], b.classes)
+    assert 0 < sum(len(t) for t in some.targets) < sum(len(t) for t in every.targets)
+    truth = load_ground_truth(json_path, classes=kept)
+    assert {a["category_id"] for a in truth.anns.values()} == {every.category_ids[c] for c in kept}
+    assert len(truth.anns) == sum(len(t) for t in some.targets) and len(truth.cats) == len(every.names)
+    one = load_ground_truth(json_path, single_cls=True, classes=kept)  # filtered first, then one class
+    assert list(one.cats) == [1] and len(one.anns) == len(truth.anns)
+
+
 def test_coco128_quirks(datasets_dir):
     root = datasets_dir / "coco128"
     dataset = CocoDataset(root / "images" / "train2017", root / "annotations" / "instances_train2017.json")

@@ -176,8 +176,8 @@ def test_nms_classes_keeps_only_those_and_frees_their_places():
 
 
 def test_classes_are_indices_or_names_and_a_wrong_one_is_one_config_error():
+    from detector.config import class_indices
     from detector.errors import ConfigError
-    from detector.predict import class_indices
 
     names = ["person", "bicycle", "car"]
     assert class_indices(None, names) is None
@@ -186,7 +186,7 @@ def test_classes_are_indices_or_names_and_a_wrong_one_is_one_config_error():
     assert class_indices(["car", 1], names) == [2, 1]
     assert class_indices(1, names) == [1]
     for bad in ("3", "persn", [-1], "0,,2"):
-        with pytest.raises(ConfigError, match=r"^invalid value classes=.* is not one of the model's 3 classes "
+        with pytest.raises(ConfigError, match=r"^invalid value classes=.* is not one of the 3 classes "
                                               r"\(0 person, 1 bicycle, 2 car\); give indices 0-2 or names$"):
             class_indices(bad, names)
 

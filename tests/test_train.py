@@ -1,5 +1,6 @@
 """End-to-end training on tiny generated shapes: learning, resume, API/CLI parity, checkpoint round trip."""
 
+import collections
 import csv
 import json
 import logging.handlers
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from detector import Model
 from detector.checkpoint import load_checkpoint
@@ -148,6 +150,24 @@ def test_single_cls_trains_one_class_and_val_scores_it_the_same_way(tiny_setup, 
     # single_cls comes with the checkpoint. Training validates in bf16 on this CPU, val in float32: close, not equal.
     again = Model(str(best)).val(data=args["data"], workers=0)
     assert again["metrics/mAP50-95"] == pytest.approx(metrics["metrics/mAP50-95"], rel=0.05)
+
+
+def test_classes_trains_and_scores_only_those_classes(tiny_setup, tmp_path):
+    with pytest.raises(ConfigError, match=r"^invalid value classes='hexagon': 'hexagon' is not one of the 4 classes "
+                                          r"\(0 circle, 1 rectangle, 2 triangle, 3 star\); give indices 0-3 or names$"):
+        train(settings(tiny_setup, tmp_path, epochs=1, classes="hexagon"), progress=False)
+    assert not (tmp_path / "run").exists()
+    train(settings(tiny_setup, tmp_path, epochs=1, classes="circle,2"), progress=False)
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "args.yaml").read_text())["classes"] == "circle,2"
+    assert load_checkpoint(run / "weights" / "best.pt")["names"] == ["circle", "rectangle", "triangle", "star"]
+    card = yaml.safe_load(Path(tiny_setup["data"]).read_text())
+    annotations = json.loads((Path(card["path"]) / card["val_json"]).read_text())
+    per_category = collections.Counter(a["category_id"] for a in annotations["annotations"])
+    assert per_category[2] and per_category[4]  # the val set has rectangles and stars, which are not scored
+    scored = json.loads((run / "metrics.json").read_text())["per_class"]
+    assert {name: row["instances"] for name, row in scored.items() if row["instances"]} == {
+        "circle": per_category[1], "triangle": per_category[3]}
 
 
 def test_freeze_keeps_the_backbone_as_it_started_and_trains_the_rest(tiny_setup, tmp_path):

@@ -184,13 +184,21 @@ def _boxes_of(annotations: list[dict], class_of: dict[int, int], height: int, wi
     return Target(np.asarray(boxes, np.float32), np.asarray(classes, np.int64))
 
 
-def single_class(data: dict) -> dict:
-    """A COCO JSON dict with every annotation in one category, 'object' (single_cls: detection without classes).
+def relabel(data: dict, classes: list[int] | None = None, single_cls: bool = False) -> dict:
+    """The labels of a COCO JSON dict as a run sees them: only the annotations of `classes` (indices of the
+    categories in id order; None keeps all, and the categories stay), then with single_cls every one in one
+    category, 'object' (detection without classes).
 
     The training set, the validation set and the ground truth COCOeval scores against all go through it.
     """
-    return {**data, "categories": [{"id": 1, "name": "object"}],
-            "annotations": [{**a, "category_id": 1} for a in data.get("annotations", [])]}
+    if classes is not None:
+        ids = sorted(c["id"] for c in data.get("categories", []))
+        kept = {ids[i] for i in classes}
+        data = {**data, "annotations": [a for a in data.get("annotations", []) if a.get("category_id") in kept]}
+    if single_cls:
+        data = {**data, "categories": [{"id": 1, "name": "object"}],
+                "annotations": [{**a, "category_id": 1} for a in data.get("annotations", [])]}
+    return data
 
 
 class CocoDataset:
@@ -205,7 +213,8 @@ class CocoDataset:
     """
 
     def __init__(self, images_dir: Path | str, annotation_json: Path | str, *, cache: bool | str = False,
-                 skip_bad_images: bool = False, max_size: int | None = None, single_cls: bool = False) -> None:
+                 skip_bad_images: bool = False, max_size: int | None = None, single_cls: bool = False,
+                 classes: list[int] | None = None) -> None:
         """Parses the JSON and checks every image file.
 
         Args:
@@ -215,7 +224,8 @@ class CocoDataset:
                 they need at most CACHE_AUTO_SHARE of the available RAM (shared by the local DDP ranks).
             skip_bad_images: Drop missing/unreadable images with a warning instead of raising.
             max_size: With cache, shrink cached images so their longest side is at most this.
-            single_cls: Every box is of one class, 'object' (see single_class).
+            single_cls: Every box is of one class, 'object' (see relabel).
+            classes: Keep only the boxes of these class indices (None: all); the classes stay (see relabel).
 
         Raises:
             DataError: Malformed JSON, or missing/unreadable images without skip_bad_images.
@@ -223,8 +233,7 @@ class CocoDataset:
         self.images_dir = Path(images_dir)
         self.annotation_json = Path(annotation_json)
         data = _load_json(self.annotation_json)
-        if single_cls:
-            data = single_class(data)
+        data = relabel(data, classes, single_cls)
         coco = COCO()
         coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
