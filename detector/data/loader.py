@@ -226,7 +226,7 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
     sampler = None
     if not train:
         wrapped.batch_by_aspect(batch_size)
-    if train:
+    else:
         # The order of an epoch depends on (seed, epoch) alone, so a resumed run sees the same batches
         # as an uninterrupted one, and the ranks of a DDP run split one order between them: together
         # their k-th batches hold the images of a single process's k-th batch of world_size times the size.
