@@ -158,7 +158,10 @@ def test_missing_dataset_without_download_names_the_folder(tmp_path):
 
 @pytest.mark.parametrize(("keys", "pattern"), [
     ({"path": "x", "val": "images/val"}, "'train'.*missing"),
-    ({"path": "x", "train": ["a", "b"]}, "'train' must be a string"),
+    ({"path": "x", "train": 7}, "'train' must be a string"),
+    ({"path": "x", "train": ["a", "b"]}, "'train' lists 2 folders; a split here is one image folder .* move the images "
+                                         "into one folder and name it$"),
+    ({"path": "x", "train": "a", "val": "val.txt"}, "'val' names a text file, val.txt; a split here is one image"),
     ({"path": "x", "train": "images", "converter": "voc"}, "converter 'voc'"),
     ({"path": "x", "train": "images", "names": {"1": "a"}}, "'names' keys"),
 ])

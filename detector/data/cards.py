@@ -154,6 +154,12 @@ def _default_json(folder: str) -> str:
 
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
     """Card keys -> paths (nothing is checked on disk yet)."""
+    for split in SPLITS:  # Ultralytics cards may list folders or name a text file of image paths
+        value = raw.get(split)
+        if isinstance(value, list) or (isinstance(value, str) and value.lower().endswith(".txt")):
+            given = f"lists {len(value)} folders" if isinstance(value, list) else f"names a text file, {value}"
+            raise DataError(f"data card {name}: '{split}' {given}; a split here is one image folder (with its "
+                            "COCO JSON or YOLO labels): move the images into one folder and name it")
     train = _get_str(name, raw, "train")
     if not train:
         raise DataError(f"data card {name}: 'train' (training image folder, relative to 'path') is missing")
