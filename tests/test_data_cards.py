@@ -102,6 +102,28 @@ def test_a_roboflow_layout_gets_one_json_per_split(tmp_path, datasets_dir):
     assert _boxes_by_image(card.train_json) != _boxes_by_image(card.val_json)
 
 
+@pytest.mark.parametrize("annotations", ["coco", "yolo"])
+def test_a_split_listing_folders_gets_one_json_for_all_of_them(tmp_path, datasets_dir, annotations):
+    """Ultralytics cards list several folders for a split (VOC's train: [images/train2012, images/train2007, ...]):
+    one JSON holds them all, written from each folder's COCO JSON, or from its YOLO labels where there is none."""
+    root = tmp_path / "c8"
+    shutil.copytree(datasets_dir / "coco8", root, ignore=shutil.ignore_patterns(*(["annotations"] if annotations ==
+                                                                                  "yolo" else [])))
+    card = load_data_card(_write_card(root / "both.yaml", train=["images/train", "images/val"], val="images/val",
+                                      names=COCO80_NAMES), tmp_path)
+    assert card.train_images == root / "images" and card.train_json == root / "annotations/instances_train+val.json"
+    assert card.val_images == root / "images" / "val" and card.merged == {
+        "train": [root / "images" / "train", root / "images" / "val"]}
+    both = CocoDataset(card.train_images, card.train_json)
+    parts = [CocoDataset(root / "images" / split, root / "annotations" / f"instances_{split}.json")
+             for split in ("train", "val")]
+    assert both.paths == [path for part in parts for path in part.paths]
+    assert len(set(both.image_ids)) == 8 and both.names == parts[0].names
+    for ours, theirs in zip(both.targets, [t for part in parts for t in part.targets], strict=True):
+        np.testing.assert_array_equal(ours.boxes_xyxy, theirs.boxes_xyxy)
+        np.testing.assert_array_equal(ours.classes, theirs.classes)
+
+
 def test_a_split_without_json_or_labels_says_what_to_put_where(tmp_path, datasets_dir):
     root = tmp_path / "c8"
     shutil.copytree(datasets_dir / "coco8", root, ignore=shutil.ignore_patterns("annotations", "labels"))
@@ -159,9 +181,9 @@ def test_missing_dataset_without_download_names_the_folder(tmp_path):
 @pytest.mark.parametrize(("keys", "pattern"), [
     ({"path": "x", "val": "images/val"}, "'train'.*missing"),
     ({"path": "x", "train": 7}, "'train' must be a string"),
-    ({"path": "x", "train": ["a", "b"]}, "'train' lists 2 folders; a split here is one image folder .* move the images "
-                                         "into one folder and name it$"),
-    ({"path": "x", "train": "a", "val": "val.txt"}, "'val' names a text file, val.txt; a split here is one image"),
+    ({"path": "x", "train": ["a", 3]}, r"'train' must be an image folder or a list of them, got \['a', 3\]$"),
+    ({"path": "x", "train": "a", "val": "val.txt"}, "'val' names a text file, val.txt; a split here is one image "
+                                                    "folder or a list of them .*: give the folders instead$"),
     ({"path": "x", "train": "images", "converter": "voc"}, "converter 'voc'"),
     ({"path": "x", "train": "images", "names": {"1": "a"}}, "'names' keys"),
 ])

@@ -3,7 +3,8 @@
 A card names a dataset root (`path`, relative to the datasets dir; empty or absent: the card's own folder,
 as in Ultralytics cards), train/val image folders and their COCO JSON files. A split whose JSON is missing
 but which has YOLO labels (the image folder with its last `images` part read as `labels`, as Ultralytics
-pairs them) gets its JSON written from them, so an Ultralytics dataset and card train as they are. Keys a
+pairs them) gets its JSON written from them, so an Ultralytics dataset and card train as they are; a split
+that lists several folders gets one JSON for all of them (written from theirs on first use). Keys a
 card sets that are not card keys (imgsz, epochs, ...) are training settings, returned in `settings` for the
 config to validate.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from detector.atomic import atomic_write_text
 from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class DataCard:
         settings: Training settings the card sets (validated by the caller).
         test_images, test_json: The test split, when the card names one (`detector val split=test`); its JSON is
             written from YOLO labels when first asked for (split_files).
+        merged: The image folders of each split the card lists several for; that split's images are the folder
+            they share, and its JSON, written on first use, holds them all (split_files).
     """
 
     name: str
@@ -62,6 +66,7 @@ class DataCard:
     settings: dict = field(default_factory=dict)
     test_images: Path | None = None
     test_json: Path | None = None
+    merged: dict[str, list[Path]] = field(default_factory=dict)
 
 
 def datasets_root(datasets_dir: Path | str | None = None) -> Path:
@@ -112,8 +117,43 @@ def split_files(card: DataCard, split: str) -> tuple[Path, Path]:
     if not images.is_dir():
         raise DataError(f"the {split} images of data card {card.name} are not at {images}")
     if not json_path.is_file():
-        _convert(card, images, json_path)
+        if split in card.merged:
+            _merge(card, card.merged[split], images, json_path)
+        else:
+            _convert(card, images, json_path)
     return images, json_path
+
+
+def _merge(card: DataCard, folders: list[Path], base: Path, json_path: Path) -> None:
+    """Writes one COCO JSON for several image folders from each one's own JSON (written from its YOLO labels when
+    missing): file names relative to `base`, image and annotation ids renumbered, the categories all the same."""
+    merged: dict[str, Any] = {"images": [], "annotations": [], "categories": None}
+    for folder in folders:
+        if not folder.is_dir():
+            raise DataError(f"data card {card.name}: the image folder {folder} does not exist")
+        part = card.root / _default_json(str(folder))
+        if not part.is_file():
+            _convert(card, folder, part)
+        try:
+            data = json.loads(part.read_text(encoding="utf-8"))
+            new_ids = {image["id"]: len(merged["images"]) + i + 1 for i, image in enumerate(data["images"])}
+            merged["images"] += [{**image, "id": new_ids[image["id"]],
+                                  "file_name": (folder.relative_to(base) / image["file_name"]).as_posix()}
+                                 for image in data["images"]]
+            first = len(merged["annotations"]) + 1
+            merged["annotations"] += [{**a, "id": first + i, "image_id": new_ids[a["image_id"]]}
+                                      for i, a in enumerate(data["annotations"]) if a["image_id"] in new_ids]
+            categories = sorted(data["categories"], key=lambda c: c["id"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DataError(f"cannot merge {part} into {json_path.name}: {err!r}") from err
+        if merged["categories"] not in (None, categories):
+            raise DataError(f"data card {card.name}: {part} has other categories than {folders[0]}'s JSON; the "
+                            "folders of a split must share their classes")
+        merged["categories"] = categories
+    logger.info("%s is missing: writing it from the %d folders %s", json_path, len(folders),
+                ", ".join(str(folder.relative_to(base)) for folder in folders))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(merged))
 
 
 def _find_card(spec: Path) -> Path:
@@ -154,16 +194,10 @@ def _default_json(folder: str) -> str:
 
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
     """Card keys -> paths (nothing is checked on disk yet)."""
-    for split in SPLITS:  # Ultralytics cards may list folders or name a text file of image paths
-        value = raw.get(split)
-        if isinstance(value, list) or (isinstance(value, str) and value.lower().endswith(".txt")):
-            given = f"lists {len(value)} folders" if isinstance(value, list) else f"names a text file, {value}"
-            raise DataError(f"data card {name}: '{split}' {given}; a split here is one image folder (with its "
-                            "COCO JSON or YOLO labels): move the images into one folder and name it")
-    train = _get_str(name, raw, "train")
-    if not train:
+    splits = {split: _split_folders(name, raw, split) for split in SPLITS}
+    if not splits["train"]:
         raise DataError(f"data card {name}: 'train' (training image folder, relative to 'path') is missing")
-    val = _get_str(name, raw, "val") or train
+    splits["val"] = splits["val"] or splits["train"]
     path = _get_str(name, raw, "path")
     root = datasets_dir / Path(path).expanduser() if path else card_folder.resolve()  # an absolute path stays
     for key in ("download", "converter", "generator"):
@@ -176,13 +210,35 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
     if raw.get("nc") is not None and names and raw["nc"] != len(names):
         raise DataError(f"data card {name}: nc={raw['nc']} but 'names' has {len(names)} entries")
     settings = {k: v for k, v in raw.items() if k not in CARD_KEYS}
-    test = _get_str(name, raw, "test")  # Ultralytics cards often leave it empty
-    return DataCard(
-        name=name, root=root,
-        train_images=root / train, train_json=root / _get_str(name, raw, "train_json", _default_json(train)),
-        val_images=root / val, val_json=root / _get_str(name, raw, "val_json", _default_json(val)),
-        names=names, settings=settings, test_images=root / test if test else None,
-        test_json=root / _get_str(name, raw, "test_json", _default_json(test)) if test else None)
+    paths, merged = {}, {}
+    for split, folders in splits.items():
+        if not folders:  # test: absent, or left empty as Ultralytics cards often do
+            paths[split] = (None, None)
+            continue
+        if len(folders) == 1:
+            images, default = root / folders[0], _default_json(folders[0])
+        else:  # one JSON for all of them, its file names relative to the folder they share
+            merged[split] = [root / folder for folder in folders]
+            images = Path(os.path.commonpath(merged[split]))
+            default = f"annotations/instances_{'+'.join(Path(folder).name for folder in folders)}.json"
+        paths[split] = (images, root / _get_str(name, raw, f"{split}_json", default))
+    return DataCard(name=name, root=root, train_images=paths["train"][0], train_json=paths["train"][1],
+                    val_images=paths["val"][0], val_json=paths["val"][1], names=names, settings=settings,
+                    test_images=paths["test"][0], test_json=paths["test"][1], merged=merged)
+
+
+def _split_folders(name: str, raw: dict, split: str) -> list[str]:
+    """A split's image folders: one, or a list (Ultralytics cards list several, e.g. VOC's); none when absent."""
+    value = raw.get(split)
+    if isinstance(value, str) and value.lower().endswith(".txt"):
+        raise DataError(f"data card {name}: '{split}' names a text file, {value}; a split here is one image folder "
+                        "or a list of them (with COCO JSON or YOLO labels): give the folders instead")
+    if isinstance(value, list):
+        if not value or not all(isinstance(folder, str) and folder for folder in value):
+            raise DataError(f"data card {name}: '{split}' must be an image folder or a list of them, got {value!r}")
+        return list(value)
+    value = _get_str(name, raw, split)
+    return [value] if value else []
 
 
 def _parse_names(name: str, names: Any) -> list[str]:
