@@ -102,7 +102,7 @@ class Model:
                                   workers=config.workers, seed=config.seed, device=device)
         detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
                                                conf=config.conf, iou=config.iou, max_det=config.max_det,
-                                               classes=None if config.single_cls else classes)
+                                               classes=dataset.classes)
         names = dict(zip(dataset.category_ids, dataset.names, strict=True))
         truth = load_ground_truth(dataset.annotation_json, config.single_cls, classes)
         metrics = coco_evaluate(truth, detections, image_ids, names)

@@ -285,19 +285,16 @@ def describe() -> str:
 def class_indices(classes, names: list[str]) -> list[int] | None:
     """`classes=` as class indices: None or "" (all), an index or name, a list of them, or comma-separated text
     ("0,2", "person,car"). An index out of range or an unknown name is a ConfigError naming the classes."""
-    if classes is None or classes == "":
+    text = convert("classes", classes)  # the setting's own form: "0,2", "person,car" or "" for all
+    if not text:
         return None
-    if isinstance(classes, str):
-        items = classes.split(",")
-    else:
-        items = list(classes) if isinstance(classes, list | tuple) else [classes]
     indices = []
-    for item in items:
-        text = str(item).strip()
-        index = int(text) if text.lstrip("-").isdigit() else names.index(text) if text in names else None
+    for item in text.split(","):
+        item = item.strip()
+        index = int(item) if item.lstrip("-").isdigit() else names.index(item) if item in names else None
         if index is None or not 0 <= index < len(names):
             shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:5])) + (", ..." if len(names) > 5 else "")
-            raise ConfigError(f"invalid value classes={classes!r}: {text!r} is not one of the {len(names)} classes "
+            raise ConfigError(f"invalid value classes={classes!r}: {item!r} is not one of the {len(names)} classes "
                               f"({shown}); give indices 0-{len(names) - 1} or names")
         indices.append(index)
     return indices

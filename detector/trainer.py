@@ -275,7 +275,7 @@ class Trainer:
         detections, image_ids = predict_loader(
             model, loader, device=self.device, category_ids=self.val_data.category_ids, conf=self.config.conf,
             iou=self.config.iou, max_det=self.config.max_det, amp_dtype=self.ctx.amp_dtype,
-            classes=None if self.config.single_cls else self.classes,  # single_cls: the model's one class
+            classes=self.val_data.classes,
             channels_last=self.ctx.channels_last, progress=self.progress)
         names = dict(zip(self.val_data.category_ids, self.val_data.names, strict=True))
         metrics = coco_evaluate(self.ground_truth, detections, image_ids, names, confusion=final)

@@ -210,6 +210,7 @@ class CocoDataset:
         image_ids: COCO image id of each dataset index.
         annotation_json: The JSON file (for COCOeval against the original ground truth).
         max_boxes: Most boxes any image has after filtering.
+        classes: The class indices its boxes are limited to (the classes= setting); None: all.
     """
 
     def __init__(self, images_dir: Path | str, annotation_json: Path | str, *, cache: bool | str = False,
@@ -234,6 +235,7 @@ class CocoDataset:
         self.annotation_json = Path(annotation_json)
         data = _load_json(self.annotation_json)
         data = relabel(data, classes, single_cls)
+        self.classes = None if single_cls else classes  # what detections are kept to (single_cls: its one class)
         coco = COCO()
         coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
