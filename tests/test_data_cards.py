@@ -124,6 +124,60 @@ def test_a_split_listing_folders_gets_one_json_for_all_of_them(tmp_path, dataset
         np.testing.assert_array_equal(ours.classes, theirs.classes)
 
 
+def test_a_split_listed_in_a_txt_gets_a_json_of_the_listed_images(tmp_path, datasets_dir):
+    """Ultralytics' coco.yaml gives its splits as .txt lists of images (./images/train2017/x.jpg per line): the JSON
+    holds the listed images only, from their YOLO labels, file names relative to the folder they share; a JSON
+    already at the default name (COCO's own instances_val2017.json, in Ultralytics' download) is used as it is."""
+    root = tmp_path / "c8"
+    shutil.copytree(datasets_dir / "coco8", root, ignore=shutil.ignore_patterns("annotations"))
+    train = sorted((root / "images" / "train").glob("*.jpg"))[:3]
+    val = sorted((root / "images" / "val").glob("*.jpg"))
+    (root / "train.txt").write_text("".join(f"./images/train/{path.name}\n" for path in train) + "\n")
+    (root / "lists").mkdir()
+    (root / "lists" / "mixed.txt").write_text(f"{val[0]}\n../images/train/{train[0].name}\n")  # absolute, relative
+    card = load_data_card(_write_card(root / "card.yaml", train="train.txt", val="lists/mixed.txt",
+                                      names=COCO80_NAMES), tmp_path)
+    assert card.train_images == root / "images" / "train"
+    assert card.train_json == root / "annotations/instances_train.json"
+    assert card.val_images == root / "images" and card.val_json == root / "annotations/instances_mixed.json"
+    assert card.listed == {"train": root / "train.txt", "val": root / "lists" / "mixed.txt"}
+    listed = CocoDataset(card.train_images, card.train_json)
+    assert listed.paths == train
+    assert CocoDataset(card.val_images, card.val_json).paths == [val[0], train[0]]
+    whole = CocoDataset(*(lambda d: (d, yolo_to_coco(d, root / "labels" / "train", tmp_path / "all.json",
+                                                     COCO80_NAMES)))(root / "images" / "train"))
+    for ours, theirs in zip(listed.targets, whole.targets[:3], strict=True):
+        np.testing.assert_array_equal(ours.boxes_xyxy, theirs.boxes_xyxy)
+    (root / "train.txt").write_text(f"./images/train/{train[0].name}\n")  # the JSON written before is kept
+    assert CocoDataset(*cards.split_files(load_data_card(root / "card.yaml", tmp_path), "train")).paths == train
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("./images/train/missing.jpg", r"list.txt:2: the image .*missing.jpg does not exist; fix the line or remove it"),
+    ("./labels/train/x.txt", r"list.txt:2: './labels/train/x.txt' is not an image file"),
+])
+def test_a_bad_line_in_an_image_list_names_the_list_and_line(tmp_path, datasets_dir, line, problem):
+    root = tmp_path / "c8"
+    shutil.copytree(datasets_dir / "coco8", root, ignore=shutil.ignore_patterns("annotations"))
+    first = sorted((root / "images" / "train").glob("*.jpg"))[0].name
+    (root / "list.txt").write_text(f"./images/train/{first}\n{line}\n")
+    with pytest.raises(DataError, match=problem):
+        load_data_card(_write_card(root / "card.yaml", train="list.txt", names=COCO80_NAMES), tmp_path)
+    with pytest.raises(DataError, match=r"data card card: the train image list .*nowhere.txt does not exist"):
+        load_data_card(_write_card(root / "card.yaml", train="nowhere.txt", names=COCO80_NAMES), tmp_path)
+
+
+def test_a_download_script_is_not_run_and_not_needed_when_the_images_are_there(tmp_path, datasets_dir):
+    card = _write_card(tmp_path / "coco.yaml", path="coco", train="images/train", val="images/val",
+                       names=COCO80_NAMES, download="from pathlib import Path\nPath('ran').touch()\n")
+    with pytest.raises(DataError, match=r"dataset 'coco' not found: .*; the card's download: is a script, and no "
+                                        r"code from a card is run here"):
+        load_data_card(card, tmp_path)
+    assert not list(tmp_path.rglob("ran")) and not (tmp_path / "coco").exists()
+    shutil.copytree(datasets_dir / "coco8", tmp_path / "coco", ignore=shutil.ignore_patterns("annotations"))
+    assert len(CocoDataset(*cards.split_files(load_data_card(card, tmp_path), "val"))) == 4  # from the YOLO labels
+
+
 def test_a_split_without_json_or_labels_says_what_to_put_where(tmp_path, datasets_dir):
     root = tmp_path / "c8"
     shutil.copytree(datasets_dir / "coco8", root, ignore=shutil.ignore_patterns("annotations", "labels"))
@@ -181,9 +235,9 @@ def test_missing_dataset_without_download_names_the_folder(tmp_path):
 @pytest.mark.parametrize(("keys", "pattern"), [
     ({"path": "x", "val": "images/val"}, "'train'.*missing"),
     ({"path": "x", "train": 7}, "'train' must be a string"),
-    ({"path": "x", "train": ["a", 3]}, r"'train' must be an image folder or a list of them, got \['a', 3\]$"),
-    ({"path": "x", "train": "a", "val": "val.txt"}, "'val' names a text file, val.txt; a split here is one image "
-                                                    "folder or a list of them .*: give the folders instead$"),
+    ({"path": "x", "train": ["a", 3]}, r"'train' must be an image folder, a list of image folders or one \.txt list "
+                                        r"of images, got \['a', 3\]$"),
+    ({"path": "x", "train": ["a", "b.txt"]}, r"'train' must be .* one \.txt list of images, got \['a', 'b.txt'\]$"),
     ({"path": "x", "train": "images", "converter": "voc"}, "converter 'voc'"),
     ({"path": "x", "train": "images", "names": {"1": "a"}}, "'names' keys"),
 ])

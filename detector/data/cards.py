@@ -4,7 +4,8 @@ A card names a dataset root (`path`, relative to the datasets dir; empty or abse
 as in Ultralytics cards), train/val image folders and their COCO JSON files. A split whose JSON is missing
 but which has YOLO labels (the image folder with its last `images` part read as `labels`, as Ultralytics
 pairs them) gets its JSON written from them, so an Ultralytics dataset and card train as they are; a split
-that lists several folders gets one JSON for all of them (written from theirs on first use). Keys a
+that lists several folders gets one JSON for all of them (written from theirs on first use), and a split given as
+a .txt list of images (Ultralytics' coco.yaml) one JSON for the listed images. Keys a
 card sets that are not card keys (imgsz, epochs, ...) are training settings, returned in `settings` for the
 config to validate.
 """
@@ -54,6 +55,9 @@ class DataCard:
             written from YOLO labels when first asked for (split_files).
         merged: The image folders of each split the card lists several for; that split's images are the folder
             they share, and its JSON, written on first use, holds them all (split_files).
+        listed: The .txt image list of each split given as one (lines are image paths, relative to the list's
+            folder or absolute); that split's images are the folder its images share, and its JSON, when missing,
+            is written from their YOLO labels (split_files).
     """
 
     name: str
@@ -67,6 +71,7 @@ class DataCard:
     test_images: Path | None = None
     test_json: Path | None = None
     merged: dict[str, list[Path]] = field(default_factory=dict)
+    listed: dict[str, Path] = field(default_factory=dict)
 
 
 def datasets_root(datasets_dir: Path | str | None = None) -> Path:
@@ -97,9 +102,13 @@ def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCa
         return _card_from_json(spec_path)
     card_path = _find_card(spec_path)
     raw = _read_yaml(card_path)
-    card = _resolve(card_path.stem, raw, datasets_root(datasets_dir), card_path.parent)
+    datasets_dir = datasets_root(datasets_dir)
+    card = _resolve(card_path.stem, raw, datasets_dir, card_path.parent)
     if not _dataset_present(card):
         _materialize(card, raw)
+        card = _resolve(card_path.stem, raw, datasets_dir, card_path.parent)  # a .txt split's folder, now it exists
+        for split in ("train", "val"):
+            split_files(card, split)  # writes a JSON that is missing from YOLO labels
     names = card.names or _names_from_json(card.train_json)
     _check_names(card_path.stem, names, card.train_json)
     return replace(card, names=names)
@@ -114,13 +123,15 @@ def split_files(card: DataCard, split: str) -> tuple[Path, Path]:
         raise DataError(f"data card {card.name} has no test split: add 'test: <image folder>' to it")
     images, json_path = {"train": (card.train_images, card.train_json), "val": (card.val_images, card.val_json),
                          "test": (card.test_images, card.test_json)}[split]
+    if split in card.listed and not card.listed[split].is_file():
+        raise DataError(f"data card {card.name}: the {split} image list {card.listed[split]} does not exist")
     if not images.is_dir():
         raise DataError(f"the {split} images of data card {card.name} are not at {images}")
     if not json_path.is_file():
         if split in card.merged:
             _merge(card, card.merged[split], images, json_path)
         else:
-            _convert(card, images, json_path)
+            _convert(card, images, json_path, _read_list(card.listed[split]) if split in card.listed else None)
     return images, json_path
 
 
@@ -193,7 +204,7 @@ def _default_json(folder: str) -> str:
 
 
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
-    """Card keys -> paths (nothing is checked on disk yet)."""
+    """Card keys -> paths (nothing is checked on disk yet, but for the image lists a split may name)."""
     splits = {split: _split_folders(name, raw, split) for split in SPLITS}
     if not splits["train"]:
         raise DataError(f"data card {name}: 'train' (training image folder, relative to 'path') is missing")
@@ -210,12 +221,16 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
     if raw.get("nc") is not None and names and raw["nc"] != len(names):
         raise DataError(f"data card {name}: nc={raw['nc']} but 'names' has {len(names)} entries")
     settings = {k: v for k, v in raw.items() if k not in CARD_KEYS}
-    paths, merged = {}, {}
+    paths, merged, listed = {}, {}, {}
     for split, folders in splits.items():
         if not folders:  # test: absent, or left empty as Ultralytics cards often do
             paths[split] = (None, None)
             continue
-        if len(folders) == 1:
+        if len(folders) == 1 and folders[0].lower().endswith(".txt"):  # a list of images
+            listed[split] = root / folders[0]
+            images = _list_base(listed[split])
+            default = f"annotations/instances_{Path(folders[0]).stem}.json"
+        elif len(folders) == 1:
             images, default = root / folders[0], _default_json(folders[0])
         else:  # one JSON for all of them, its file names relative to the folder they share
             merged[split] = [root / folder for folder in folders]
@@ -224,21 +239,55 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
         paths[split] = (images, root / _get_str(name, raw, f"{split}_json", default))
     return DataCard(name=name, root=root, train_images=paths["train"][0], train_json=paths["train"][1],
                     val_images=paths["val"][0], val_json=paths["val"][1], names=names, settings=settings,
-                    test_images=paths["test"][0], test_json=paths["test"][1], merged=merged)
+                    test_images=paths["test"][0], test_json=paths["test"][1], merged=merged,
+                    listed=listed)
 
 
 def _split_folders(name: str, raw: dict, split: str) -> list[str]:
-    """A split's image folders: one, or a list (Ultralytics cards list several, e.g. VOC's); none when absent."""
+    """A split's image folders: one, or a list (Ultralytics cards list several, e.g. VOC's), or a .txt listing its
+    images (Ultralytics' coco.yaml); none when absent."""
     value = raw.get(split)
-    if isinstance(value, str) and value.lower().endswith(".txt"):
-        raise DataError(f"data card {name}: '{split}' names a text file, {value}; a split here is one image folder "
-                        "or a list of them (with COCO JSON or YOLO labels): give the folders instead")
     if isinstance(value, list):
-        if not value or not all(isinstance(folder, str) and folder for folder in value):
-            raise DataError(f"data card {name}: '{split}' must be an image folder or a list of them, got {value!r}")
+        if not value or not all(isinstance(folder, str) and folder and not folder.lower().endswith(".txt")
+                                for folder in value):
+            raise DataError(f"data card {name}: '{split}' must be an image folder, a list of image folders or one .txt "
+                            f"list of images, got {value!r}")
         return list(value)
     value = _get_str(name, raw, split)
     return [value] if value else []
+
+
+def _read_list(path: Path) -> list[Path]:
+    """The images a .txt lists, one path per line, relative to the list's folder (`./images/a.jpg`) or absolute."""
+    from detector.data.convert import IMAGE_SUFFIXES
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read the image list {path}: {err}") from err
+    files = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        file = Path(os.path.normpath(path.parent / line.strip()))
+        if file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"{path}:{number}: {line.strip()!r} is not an image file "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if not file.is_file():
+            raise DataError(f"{path}:{number}: the image {file} does not exist; fix the line or remove it")
+        files.append(file)
+    if not files:
+        raise DataError(f"the image list {path} lists no images")
+    return files
+
+
+def _list_base(path: Path) -> Path:
+    """The folder a .txt list's images share (their file names in the JSON are relative to it); the list's own
+    folder while the list does not exist."""
+    if not path.is_file():
+        return path.parent
+    folders = {file.parent for file in _read_list(path)}
+    return Path(os.path.commonpath(sorted(folders)))
 
 
 def _parse_names(name: str, names: Any) -> list[str]:
@@ -267,11 +316,16 @@ def _missing_message(card: DataCard) -> str:
 
 
 def _materialize(card: DataCard, raw: dict) -> None:
-    """Generates, or downloads (and converts), a missing dataset; raises where neither is possible."""
+    """Generates or downloads a dataset whose images are missing; raises where neither is possible."""
     if raw.get("generator") == "shapes":
         from detector.data.shapes import generate_shapes  # lazy: only cards that need it pay for it
 
         generate_shapes(card.root)
+    elif card.train_images.is_dir() and card.val_images.is_dir():
+        return  # only JSONs are missing: split_files writes them from YOLO labels, or says what to put where
+    elif raw.get("download") and "\n" in raw["download"].strip():  # an Ultralytics card's Python download script
+        raise DataError(f"{_missing_message(card)}; the card's download: is a script, and no code from a card is run "
+                        "here: fetch the dataset with the tool the card was written for")
     elif raw.get("download"):
         from detector.data.download import download, safe_extract
 
@@ -285,8 +339,6 @@ def _materialize(card: DataCard, raw: dict) -> None:
         zip_path.unlink(missing_ok=True)
     if not (card.train_images.is_dir() and card.val_images.is_dir()):
         raise DataError(_missing_message(card))
-    for split in ("train", "val"):
-        split_files(card, split)  # writes a JSON that is missing from YOLO labels
 
 
 def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
@@ -303,9 +355,10 @@ def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _convert(card: DataCard, images: Path, json_path: Path) -> None:
+def _convert(card: DataCard, images: Path, json_path: Path, files: list[Path] | None = None) -> None:
     """Writes a split's missing COCO JSON from the YOLO labels beside its images (images/<split> <-> labels/<split>,
-    <split>/images <-> <split>/labels: the last `images` part of the path read as `labels`)."""
+    <split>/images <-> <split>/labels: the last `images` part of the path read as `labels`): every image under
+    `images`, or the `files` a .txt lists."""
     parts = list(images.parts)
     last = max((i for i, part in enumerate(parts) if part == "images"), default=None)
     labels = Path(*parts[:last], "labels", *parts[last + 1:]) if last is not None else None
@@ -318,7 +371,7 @@ def _convert(card: DataCard, images: Path, json_path: Path) -> None:
     from detector.data.convert import yolo_to_coco
 
     logger.info("%s is missing: writing it from the YOLO labels at %s", json_path, labels)
-    yolo_to_coco(images, labels, json_path, card.names)
+    yolo_to_coco(images, labels, json_path, card.names, files)
 
 
 def _names_from_json(json_path: Path) -> list[str]:

@@ -53,7 +53,8 @@ def _read_labels(path: Path, height: int, width: int, num_classes: int) -> list[
     return boxes
 
 
-def yolo_to_coco(images_dir: Path, labels_dir: Path, out_json: Path, names: list[str]) -> Path:
+def yolo_to_coco(images_dir: Path, labels_dir: Path, out_json: Path, names: list[str],
+                 files: list[Path] | None = None) -> Path:
     """Writes a COCO instances JSON for the images of `images_dir` and their YOLO labels.
 
     Image ids are the integer file stems when all stems are distinct numbers (COCO's own ids),
@@ -65,6 +66,7 @@ def yolo_to_coco(images_dir: Path, labels_dir: Path, out_json: Path, names: list
         labels_dir: Folder of `<stem>.txt` files, lines "class cx cy w h" normalized to [0, 1].
         out_json: JSON to write (atomically: temp file, fsync, rename).
         names: Class names indexed by YOLO class.
+        files: The images to take, each under images_dir (default: every image under it).
 
     Returns:
         out_json.
@@ -75,7 +77,8 @@ def yolo_to_coco(images_dir: Path, labels_dir: Path, out_json: Path, names: list
     """
     images_dir, labels_dir, out_json = Path(images_dir), Path(labels_dir), Path(out_json)
     check_file_path(out_json)  # before reading every image, not after
-    files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if files is None:
+        files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images found in {images_dir}; expected .jpg/.png files")
     stems = [p.stem for p in files]
