@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(command: str, argv: list[str]) -> int:
+    _check_once(argv)
     if command in ("help", "-h", "--help"):
         print(USAGE + "\n\n" + describe())
         return 0
@@ -72,6 +73,17 @@ def _pairs(argv: list[str], allowed: set[str], command: str) -> dict[str, str]:
                                 f"{', '.join(sorted(allowed))}")
         pairs[key] = value
     return pairs
+
+
+def _check_once(argv: list[str]) -> None:
+    # Other YOLO trainers keep the last of a repeated key silently; a typo'd re-run should not train the wrong thing.
+    values: dict[str, list[str]] = {}
+    for key, sep, value in (arg.partition("=") for arg in argv):
+        if sep:
+            values.setdefault(key, []).append(value)
+    for key, given in values.items():
+        if len(given) > 1:
+            raise DetectorError(f"{key}= is given {len(given)} times ({', '.join(map(repr, given))}): give it once")
 
 
 def _require_key_value(argv: list[str], command: str) -> None:

@@ -34,6 +34,7 @@ def run_detector(*args, cwd=None):
     (["device=7"], "device=7"),
     (["seed=-1"], "seed='-1': expected an integer from 0"),
     (["data="], "data='': expected a data card"),
+    (["epochs=3", "imgsz=64", "epochs=30"], "epochs= is given 2 times ('3', '30'): give it once"),
 ])
 def test_bad_arguments_give_one_clear_line(args, expected, tmp_path):
     result = run_cli(*args, f"project={tmp_path}", cwd=tmp_path)
@@ -133,6 +134,8 @@ def test_inference_and_convert_arguments_must_be_known_key_value_pairs(coco8_che
     assert line == "error: argument 'source' is not key=value; run 'detector help' for the predict arguments"
     line = _one_error_line(run_detector("predict", f"model={coco8_checkpoint}", "source=x.jpg", "classes=persn"))
     assert line.startswith("error: invalid value classes='persn': 'persn' is not one of the 80 classes (0 ")
+    line = _one_error_line(run_detector("val", f"model={coco8_checkpoint}", f"model={coco8_checkpoint}.bak"))
+    assert line == f"error: model= is given 2 times ('{coco8_checkpoint}', '{coco8_checkpoint}.bak'): give it once"
     line = _one_error_line(run_detector("export", f"model={coco8_checkpoint}", "format=onnx"))
     assert line == "error: unknown export argument 'format=onnx': expected key=value with key in file, imgsz"
     line = _one_error_line(run_detector("convert", "images=x", "output=y.json"))
