@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from detector.atomic import file_in_the_way
+from detector.atomic import atomic_write_text, check_file_path, file_in_the_way
 from detector.checkpoint import load_checkpoint
 from detector.config import class_indices, make_config
 from detector.data.augment import round_image_size
@@ -74,14 +75,17 @@ class Model:
         self._load(str(Path(metrics["run_dir"]) / "weights" / "best.pt"))
         return metrics
 
-    def val(self, split: str = "val", **overrides: Any) -> dict[str, float]:
+    def val(self, split: str = "val", *, save_json: str | Path | None = None, **overrides: Any) -> dict[str, float]:
         """COCO mAP of a trained model on a split of `data` (default: the data it trained on): val, test (a card's
         `test:` folder) or train.
 
         batch=N validates N images per step; batch=-1 (or a fraction) lets AutoBatch size the step from
-        forward-only samples. The model runs with Conv+BN fused.
+        forward-only samples. The model runs with Conv+BN fused. save_json: write the detections scored, in COCO's
+        results format (the dataset's image and category ids, boxes x, y, w, h in original pixels), to this file.
         """
         self._require_weights("val")
+        if save_json is not None:
+            check_file_path(Path(save_json))  # before the pass, not after it
         setup_logging()
         config = make_config({**self.checkpoint["config"], "resume": False, **overrides})
         card = load_data_card(config.data)
@@ -103,6 +107,9 @@ class Model:
         detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
                                                conf=config.conf, iou=config.iou, max_det=config.max_det,
                                                classes=dataset.classes)
+        if save_json is not None:
+            atomic_write_text(Path(save_json), json.dumps(detections))
+            logger.info("wrote %d detections of %d images to %s", len(detections), len(image_ids), save_json)
         names = dict(zip(dataset.category_ids, dataset.names, strict=True))
         truth = load_ground_truth(dataset.annotation_json, config.single_cls, classes)
         metrics = coco_evaluate(truth, detections, image_ids, names)

@@ -12,7 +12,7 @@ from detector.config import describe, parse_cli
 from detector.errors import DetectorError
 
 USAGE = """usage: detector train [key=value ...]      train (python train.py is the same)
-       detector val model=best.pt [data=... split=val|test|train]   COCO mAP of a checkpoint
+       detector val model=best.pt [data=... split=val|test|train save_json=FILE]   COCO mAP of a checkpoint
        detector predict model=best.pt source=PATH [conf=0.25 batch=8 max_wait_ms=50 save_dir=DIR classes=0,2]
        detector export model=best.pt [imgsz=640 file=best.onnx]   ONNX, dynamic batch (needs detector[export])
        detector benchmark batches=2,4,8,16,-1 [key=value ...]   what batch size does to speed, memory, mAP
@@ -105,8 +105,8 @@ def _inference(command: str, argv: list[str]) -> int:
         raise DetectorError(f"{command} needs model=<path to a .pt checkpoint{onnx}>")
     model = Model(args.pop("model"))
     if command == "val":
-        split = args.pop("split", "val")
-        model.val(split, **parse_cli([f"{k}={v}" for k, v in args.items()]))
+        split, save_json = args.pop("split", "val"), args.pop("save_json", None)
+        model.val(split, save_json=save_json, **parse_cli([f"{k}={v}" for k, v in args.items()]))
         return 0
     if command == "export":
         print(f"wrote {model.export(**_pairs([f'{k}={v}' for k, v in args.items()], {'imgsz', 'file'}, command))}")

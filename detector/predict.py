@@ -65,9 +65,10 @@ def _letterbox(frame: Frame, image_size: int, rect: bool) -> _Letterboxed:
 
 def _to_result(item: _Letterboxed, found: Detections, names: list[str], category_ids: list[int]) -> Result:
     """Detections in letterboxed input pixels -> a Result in the frame's original pixels."""
-    height, width = item.frame.image.shape[:2]
+    height, width = item.frame.original_size
     pad_x, pad_y = item.pad
-    xyxy = (found.boxes_xyxy.float().cpu().numpy() - np.array([pad_x, pad_y, pad_x, pad_y], np.float32)) / item.scale
+    xyxy = (found.boxes_xyxy.float().cpu().numpy() - np.array([pad_x, pad_y, pad_x, pad_y], np.float32)) / (
+        item.scale / item.frame.reduction)
     xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
     xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
     frame = item.frame
@@ -103,7 +104,7 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
         One Result per frame, in source order.
     """
     prepare = partial(_letterbox, image_size=image_size, rect=rect)
-    for group in iter_batches(open_source(source), batch, max_wait_ms, transform=prepare):
+    for group in iter_batches(open_source(source, image_size), batch, max_wait_ms, transform=prepare):
         # One forward per input shape in the group: no frame is padded past its own rectangle, so what is found
         # in a frame does not depend on the frames batched with it.
         by_shape: dict[tuple[int, ...], list[int]] = {}

@@ -23,6 +23,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
+from detector.data.coco import READ_FLAGS, header_size, reduction_for
 from detector.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -41,12 +42,21 @@ class Frame:
         index: position in the whole source, from 0.
         path: the file it came from ("" for an array).
         frame: the picture's number within its video, None for still images.
+        reduction: 1, or 2, 4 or 8 when a file was decoded at that fraction of each side (open_source's
+            decode_size); its content is then scaled by exactly 1 / reduction.
+        size: (height, width) of the image as the file holds it, when decoded smaller; None: image's own.
     """
 
     image: np.ndarray
     index: int
     path: str = ""
     frame: int | None = None
+    reduction: int = 1
+    size: tuple[int, int] | None = None
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.size or self.image.shape[:2]
 
 
 def list_files(source: str | Path) -> list[Path]:
@@ -115,9 +125,10 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR) if image.shape[2] == 4 else image
 
 
-def open_source(source) -> Iterator[Frame]:
+def open_source(source, decode_size: int | None = None) -> Iterator[Frame]:
     """Every frame of `source`, in order: a path, a glob, a folder, a video, an array, or a list or iterable
-    of any of these (read lazily: nothing is decoded before it is asked for).
+    of any of these (read lazily: nothing is decoded before it is asked for). An image file whose longest side
+    is at least twice `decode_size` is decoded smaller, as training and validation decode it (coco.reduction_for).
 
     Raises:
         DataError: a path that does not exist (at once when the source is one path), a file that cannot
@@ -125,10 +136,10 @@ def open_source(source) -> Iterator[Frame]:
     """
     if isinstance(source, str | Path):
         list_files(source)  # a wrong path fails here, not at the first frame
-    return _frames(source)
+    return _frames(source, decode_size)
 
 
-def _frames(source) -> Iterator[Frame]:
+def _frames(source, decode_size: int | None) -> Iterator[Frame]:
     index = 0
     for item in _items(source):
         if isinstance(item, np.ndarray):
@@ -139,10 +150,12 @@ def _frames(source) -> Iterator[Frame]:
                 yield Frame(image, index, str(item), number)
                 index += 1
         else:
-            image = cv2.imread(str(item), cv2.IMREAD_COLOR)
+            size = header_size(item) if decode_size else None
+            reduction = reduction_for(*size, decode_size) if size else 1
+            image = cv2.imread(str(item), READ_FLAGS[reduction])
             if image is None:
                 raise DataError(f"cannot read image {item}: missing, empty or not an image")
-            yield Frame(image, index, str(item))
+            yield Frame(image, index, str(item), reduction=reduction, size=size if reduction > 1 else None)
             index += 1
 
 

@@ -234,6 +234,56 @@ def test_val_batch_minus_one_is_capped_by_the_dataset_and_matches_a_fixed_batch(
     assert auto["metrics/mAP50-95"] == pytest.approx(fixed["metrics/mAP50-95"], abs=1e-6)
 
 
+def test_val_save_json_writes_the_detections_predict_makes_in_cocos_results_format(coco8_checkpoint, datasets_dir,
+                                                                                   tmp_path):
+    from pycocotools.coco import COCO
+
+    from detector.errors import DetectorError
+    from detector.results import coco_detections
+
+    truth = datasets_dir / "coco8" / "annotations" / "instances_val.json"
+    model = Model(coco8_checkpoint)
+    with pytest.raises(DetectorError, match=f"cannot write {tmp_path}: it is a folder"):
+        model.val(data=str(truth), save_json=tmp_path)
+    model.val(data=str(truth), conf=0.3, batch=1, save_json=tmp_path / "out" / "predictions.json")
+    saved = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    COCO(str(truth)).loadRes(saved)  # pycocotools reads it (image ids of the ground truth, its category ids)
+    predicted = coco_detections(model.predict(datasets_dir / "coco8" / "images" / "val", conf=0.3, batch=1))
+
+    def key(d):
+        return d["image_id"], d["category_id"], -d["score"]
+
+    assert len(saved) == len(predicted) > 10
+    for ours, theirs in zip(sorted(saved, key=key), sorted(predicted, key=key), strict=True):
+        assert (ours["image_id"], ours["category_id"]) == (theirs["image_id"], theirs["category_id"])
+        assert ours["score"] == pytest.approx(theirs["score"], abs=1e-4)
+        assert ours["bbox"] == pytest.approx(theirs["bbox"], abs=0.05)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_photo_is_decoded_smaller_and_its_boxes_come_back_in_its_own_pixels(coco8_checkpoint, datasets_dir,
+                                                                                      tmp_path, orientation):
+    """A 2560 x 1920 JPEG at imgsz 128 is decoded at 1/8 (320 x 240, JPEG's frequency-domain shrink, as training and
+    val decode it): its detections are those of the 1/8 decode, scaled by 8; an EXIF rotation is applied to both."""
+    from PIL import Image
+
+    image = cv2.imread(str(sorted((datasets_dir / "coco8" / "images" / "val").glob("*.jpg"))[1]))
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    big = cv2.resize(image, (2560, 1920), interpolation=cv2.INTER_CUBIC)[:, :, ::-1]
+    Image.fromarray(np.ascontiguousarray(big)).save(photo, quality=90, exif=exif)
+    model = Model(coco8_checkpoint)
+    small = cv2.imread(str(photo), cv2.IMREAD_REDUCED_COLOR_8)
+    assert small.shape[:2] == ((240, 320) if orientation == 1 else (320, 240))
+    [whole], [reduced] = (model.predict(item, conf=0.3, imgsz=128) for item in (photo, small))
+    assert len(whole.scores) == len(reduced.scores) > 0
+    np.testing.assert_allclose(whole.scores, reduced.scores, atol=1e-6)
+    np.testing.assert_allclose(whole.boxes_xyxy, reduced.boxes_xyxy * 8, atol=1e-3)
+    height, width = small.shape[:2]
+    assert whole.boxes_xyxy[:, 0::2].max() > width and whole.boxes_xyxy[:, 1::2].max() > height  # not clipped small
+
+
 def test_fused_conv_bn_computes_the_same_outputs():
     model = content_sensitive_detector(num_classes=5, seed=1)
     images = torch.rand(2, 3, 64, 64)

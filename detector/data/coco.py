@@ -83,6 +83,27 @@ def probe_image(path: Path) -> tuple[int, int]:
     return height, width
 
 
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) after EXIF orientation, from the file's header alone; None when PIL cannot read it."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return (width, height) if orientation in _SWAPPED_ORIENTATIONS else (height, width)
+
+
+def reduction_for(height: int, width: int, size: int | None) -> int:
+    """1, or the largest of 2, 4 and 8 at which a decode keeps the longest side at least `size` and scales it
+    exactly (the longest side divides by it): JPEG decoders shrink in the frequency domain, for a fraction of the
+    work of a full decode (a 4032 x 3024 photo for imgsz 640: 13.5 ms at 1/4 against 41 ms whole, one core)."""
+    longest, reduction = max(height, width), 1
+    while size and reduction < 8 and longest % (2 * reduction) == 0 and longest // (2 * reduction) >= size:
+        reduction *= 2
+    return reduction
+
+
 def _ends_with_eoi(path: Path) -> bool:
     with open(path, "rb") as file:
         file.seek(max(path.stat().st_size - 64, 0))
@@ -92,7 +113,7 @@ def _ends_with_eoi(path: Path) -> bool:
 
 CACHE_AUTO_SHARE = 0.1  # cache=auto keeps the decoded images when they need at most this share of free RAM
 
-_READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
@@ -104,7 +125,7 @@ def read_image(path: Path, reduction: int = 1) -> np.ndarray:
         reduction: 1, or 2, 4 or 8 to decode at that fraction of each side (sides rounded up). A JPEG
             decoder does this in the frequency domain, for a fraction of the work of a full decode.
     """
-    bgr = cv2.imread(str(path), _READ_FLAGS[reduction])  # IMREAD_COLOR* apply EXIF and drop alpha
+    bgr = cv2.imread(str(path), READ_FLAGS[reduction])  # IMREAD_COLOR* apply EXIF and drop alpha
     if bgr is None:
         raise DataError(f"cannot decode image {path}; remove it or set skip_bad_images=true")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -344,9 +365,7 @@ class CocoDataset:
         if self._cache is not None:
             image = self._cache[index]
         else:
-            longest = max(self.sizes[index])
-            while size and reduction < 8 and longest % (2 * reduction) == 0 and longest // (2 * reduction) >= size:
-                reduction *= 2
+            reduction = reduction_for(*self.sizes[index], size)
             image = read_image(self.paths[index], reduction)
         target = self.targets[index]
         height, width = self.sizes[index]
