@@ -30,7 +30,8 @@ both (default 0: mosaic in every epoch, as in most of a long run). Printed per c
                    (the img/s column's loop ran minutes earlier, when the machine may have been faster or slower)
     RSS, PSS       peak resident memory of the training process, and peak of the summed proportional
                    memory of it and its loader workers (sampled every 0.25 s)
-    mAP50-95       COCOeval (pycocotools, as our validation) of each final model on the validation JSON;
+    mAP50-95       COCOeval (faster-coco-eval, as our validation; pycocotools' numbers) of each final model on
+                   the validation JSON;
                    the peer's predictions come from its predict() at conf 0.001, iou 0.7, max_det 300
     ours/peer      ratios of the train-loop images/s
 

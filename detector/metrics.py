@@ -1,9 +1,10 @@
-"""COCO mAP with pycocotools against the original annotation JSON (original category ids)."""
+"""COCO mAP against the original annotation JSON (original category ids), with faster-coco-eval: pycocotools'
+COCO and COCOeval with the matching and accumulation in C++, the same numbers (tests/test_metrics.py checks them
+against pycocotools) in a sixth of the time."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 from dataclasses import asdict, dataclass, field
@@ -12,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from faster_coco_eval import COCO
+from faster_coco_eval import COCOeval_faster as COCOeval
 from torchvision.ops import box_convert, box_iou
 
 from detector.data.coco import relabel
@@ -115,7 +116,7 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
     if not detections:
         return overall
     with contextlib.redirect_stdout(io.StringIO()):
-        results = ground_truth.loadRes(copy.deepcopy(detections))
+        results = ground_truth.loadRes([dict(d) for d in detections])  # it adds keys to each (area, id, ...)
         evaluator = COCOeval(ground_truth, results, "bbox")
         evaluator.params.imgIds = list(image_ids)
         evaluator.evaluate()

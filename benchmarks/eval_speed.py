@@ -1,0 +1,84 @@
+"""COCO evaluation: faster-coco-eval (what validation runs) against pycocotools' COCOeval, on one pass's detections.
+
+    python benchmarks/eval_speed.py --model runs/train/weights/best.pt [--data coco128.yaml] [--imgsz 320]
+                                    [--batch 16] [--repeats 5]
+
+One validation pass (the checkpoint's fused model, conf 0.001, as val runs it) gives the detections; then the
+two evaluators score them, alternated, --repeats times each: ours is detector.metrics.coco_evaluate without the
+confusion matrix (as each epoch's validation runs it); pycocotools' is loadRes, COCOeval evaluate, accumulate and
+summarize, as coco_evaluate ran before. Prints the medians, the ratio, the pass's own time and both mAP50-95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import statistics
+import time
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detector import Model
+from detector.data.cards import load_data_card
+from detector.data.coco import CocoDataset
+from detector.data.loader import build_dataloader
+from detector.engine import predict_loader
+from detector.metrics import coco_evaluate, load_ground_truth
+from detector.runs import set_threads
+
+
+def pycocotools_map(truth: COCO, detections: list[dict], image_ids: list[int]) -> float:
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(truth, truth.loadRes(copy.deepcopy(detections)), "bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return float(evaluator.stats[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", default="coco128.yaml")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    card = load_data_card(args.data)
+    dataset = CocoDataset(card.val_images, card.val_json)
+    model = Model(args.model)._fused_model(torch.device("cpu"))
+    loader = build_dataloader(dataset, train=False, image_size=args.imgsz, batch_size=args.batch, workers=0)
+    start = time.perf_counter()
+    detections, image_ids = predict_loader(model, loader, device=torch.device("cpu"),
+                                           category_ids=dataset.category_ids, conf=0.001, iou=0.7, max_det=300,
+                                           progress=False)
+    pass_s = time.perf_counter() - start
+    names = dict(zip(dataset.category_ids, dataset.names, strict=True))
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs_truth = COCO(str(dataset.annotation_json))
+    ours_truth = load_ground_truth(dataset.annotation_json)
+    times: dict[str, list[float]] = {"pycocotools": [], "faster-coco-eval": []}
+    scores = {}
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        scores["pycocotools"] = pycocotools_map(theirs_truth, detections, image_ids)
+        times["pycocotools"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        scores["faster-coco-eval"] = coco_evaluate(ours_truth, detections, image_ids, names, confusion=False).map50_95
+        times["faster-coco-eval"].append(time.perf_counter() - start)
+    theirs, ours = (statistics.median(times[k]) for k in ("pycocotools", "faster-coco-eval"))
+    print(f"{len(image_ids)} images at {args.imgsz}, {len(detections)} detections; the pass itself took {pass_s:.2f} s")
+    print(f"evaluation, medians of {args.repeats}: pycocotools {theirs:.3f} s, faster-coco-eval {ours:.3f} s, "
+          f"ratio {ours / theirs:.3f}; pass + evaluation {(pass_s + ours) / (pass_s + theirs):.3f}")
+    print(f"mAP50-95: pycocotools {scores['pycocotools']:.6f}, faster-coco-eval {scores['faster-coco-eval']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
