@@ -14,7 +14,6 @@ and the COCO mAP50-95 of each (one pass at conf 0.001) against the dataset's box
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -26,6 +25,7 @@ from unittest import mock
 import cv2
 import numpy as np
 import torch
+from checkpoint_args import checkpoint_parser
 from torchvision.ops import box_iou
 
 from detector import Model
@@ -90,24 +90,19 @@ def box_difference(results: list, others: list) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default="coco128.yaml")
+    parser = checkpoint_parser(__doc__, batch=8, repeats=3)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--sizes", type=int, nargs="+", default=[320, 640])
     parser.add_argument("--photo", default="4032x3024", help="WIDTHxHEIGHT of the photos written")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    set_threads(args.threads)
+    threads = set_threads(args.threads)
     card = load_data_card(args.data)
     dataset = CocoDataset(card.val_images, card.val_json)
     width, height = (int(v) for v in args.photo.lower().split("x"))
     model = Model(args.model)
     with tempfile.TemporaryDirectory() as folder:
         photos, truth = write_photos(dataset, args.images, Path(folder), width, height)
-        print(f"{len(photos)} photos of {width} x {height}, batch {args.batch}, {args.threads} threads, "
+        print(f"{len(photos)} photos of {width} x {height}, batch {args.batch}, {threads} threads, "
               f"medians of {args.repeats} alternated passes")
         print("| imgsz | whole decode s | smaller decode s | smaller / whole | detections found by both | median IoU "
               "| mAP50-95 whole -> smaller |")

@@ -11,7 +11,6 @@ summarize, as coco_evaluate ran before. Prints the medians, the ratio, the pass'
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -19,6 +18,7 @@ import statistics
 import time
 
 import torch
+from checkpoint_args import checkpoint_parser
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -42,13 +42,8 @@ def pycocotools_map(truth: COCO, detections: list[dict], image_ids: list[int]) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", default="coco128.yaml")
+    parser = checkpoint_parser(__doc__, batch=16, repeats=5)
     parser.add_argument("--imgsz", type=int, default=320)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     set_threads(args.threads)
     card = load_data_card(args.data)

@@ -14,13 +14,13 @@ each repeat and the table gives medians; mAP comes from one pass of each.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
 
 import cv2
 import torch
+from checkpoint_args import checkpoint_parser
 
 from detector import Model
 from detector.data.cards import load_data_card
@@ -59,14 +59,10 @@ def sixteen_by_nine(paths: list) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a trained checkpoint (.pt)")
-    parser.add_argument("--data", default="coco128.yaml")
+    parser = checkpoint_parser(__doc__, batch=16, repeats=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[320, 640])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    threads = set_threads(0)
+    threads = set_threads(args.threads)
     checkpoint = Model(args.model)
     model = checkpoint.detector.fused_copy().eval()
     forward = TorchForward(model, torch.device("cpu"))
