@@ -148,8 +148,39 @@ def test_a_split_listed_in_a_txt_gets_a_json_of_the_listed_images(tmp_path, data
                                                      COCO80_NAMES)))(root / "images" / "train"))
     for ours, theirs in zip(listed.targets, whole.targets[:3], strict=True):
         np.testing.assert_array_equal(ours.boxes_xyxy, theirs.boxes_xyxy)
-    (root / "train.txt").write_text(f"./images/train/{train[0].name}\n")  # the JSON written before is kept
-    assert CocoDataset(*cards.split_files(load_data_card(root / "card.yaml", tmp_path), "train")).paths == train
+    (root / "train.txt").write_text(f"./images/train/{train[0].name}\n")  # a changed list: the JSON follows
+    assert CocoDataset(*cards.split_files(load_data_card(root / "card.yaml", tmp_path), "train")).paths == train[:1]
+
+
+def test_a_json_written_from_labels_follows_them_and_a_datasets_own_json_is_never_rewritten(tmp_path, datasets_dir):
+    """Like Ultralytics' label cache: images or labels added, removed or edited since a JSON was written from them
+    get it written again (a merged JSON too); a JSON the dataset came with has no stamp and stays as it is."""
+    root = tmp_path / "c8"
+    shutil.copytree(datasets_dir / "coco8", root)
+    (root / "annotations" / "instances_val.json").unlink()  # val: from its labels; train: the dataset's own
+    card_path = _write_card(root / "card.yaml", train="images/train", val="images/val", names=COCO80_NAMES)
+    both_path = _write_card(root / "both.yaml", train=["images/train", "images/val"], val="images/val",
+                            names=COCO80_NAMES)
+
+    def boxes(card_path, split="val"):
+        return {Path(p).name: len(t) for p, t in zip(*(lambda d: (d.paths, d.targets))(CocoDataset(
+            *cards.split_files(load_data_card(card_path, tmp_path), split))), strict=True)}
+
+    before, merged_before = boxes(card_path), boxes(both_path, "train")
+    assert len(before) == 4 and len(merged_before) == 8
+    own = (root / "annotations" / "instances_train.json").read_bytes()
+    label = sorted((root / "labels" / "val").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "0 0.5 0.5 0.2 0.2\n")  # one box more
+    shutil.copy(root / "images" / "val" / f"{label.stem}.jpg", root / "images" / "val" / "added.jpg")  # a negative
+    for path in (root / "labels" / "train").glob("*.txt"):
+        path.write_text("")  # the train split's own JSON ignores its labels
+    after = boxes(card_path)
+    assert after == {**before, f"{label.stem}.jpg": before[f"{label.stem}.jpg"] + 1, "added.jpg": 0}
+    assert boxes(both_path, "train") == {**merged_before, **after}
+    assert (root / "annotations" / "instances_train.json").read_bytes() == own
+    stamp = root / "annotations" / "instances_val.json.sources"
+    written = stamp.stat().st_mtime_ns
+    assert boxes(card_path) == after and stamp.stat().st_mtime_ns == written  # unchanged: not written again
 
 
 @pytest.mark.parametrize(("line", "problem"), [
@@ -176,6 +207,18 @@ def test_a_download_script_is_not_run_and_not_needed_when_the_images_are_there(t
     assert not list(tmp_path.rglob("ran")) and not (tmp_path / "coco").exists()
     shutil.copytree(datasets_dir / "coco8", tmp_path / "coco", ignore=shutil.ignore_patterns("annotations"))
     assert len(CocoDataset(*cards.split_files(load_data_card(card, tmp_path), "val"))) == 4  # from the YOLO labels
+
+
+def test_merged_folders_must_share_their_classes(tmp_path, datasets_dir):
+    root = tmp_path / "c8"
+    shutil.copytree(datasets_dir / "coco8", root)
+    val = json.loads((root / "annotations" / "instances_val.json").read_text())
+    val["categories"][0]["name"] = "human"
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(val))
+    card = _write_card(root / "both.yaml", train=["images/train", "images/val"], val="images/val")
+    with pytest.raises(DataError, match=r"data card both: .*instances_val.json has other categories \(ids, names\) "
+                                        r"than .*images/train's JSON; the folders of a split must share their classes"):
+        load_data_card(card, tmp_path)
 
 
 def test_a_split_without_json_or_labels_says_what_to_put_where(tmp_path, datasets_dir):
@@ -477,3 +520,21 @@ def test_safe_extract_bounds_the_uncompressed_size(tmp_path):
 
 def test_cards_dir_holds_the_shipped_cards():
     assert {p.stem for p in cards.cards_dir().glob("*.yaml")} >= {"coco8", "coco128", "shapes"}
+
+
+def test_importing_the_package_asks_nothing_of_the_network():
+    """albumentations asks PyPI for a newer version when imported, unless NO_ALBUMENTATIONS_UPDATE is set: the
+    package sets it, so a training job (offline, on a cluster) makes no request and waits for none."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import socket\n"
+            "def refuse(*args, **kwargs):\n"
+            "    raise SystemExit(f'asked the network: {args[1:]}')\n"
+            "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
+            "import detector.data.augment, detector.api\n"
+            "print('no request')\n")
+    env = {key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "no request", result.stderr[-500:]

@@ -5,7 +5,8 @@ as in Ultralytics cards), train/val image folders and their COCO JSON files. A s
 but which has YOLO labels (the image folder with its last `images` part read as `labels`, as Ultralytics
 pairs them) gets its JSON written from them, so an Ultralytics dataset and card train as they are; a split
 that lists several folders gets one JSON for all of them (written from theirs on first use), and a split given as
-a .txt list of images (Ultralytics' coco.yaml) one JSON for the listed images. Keys a
+a .txt list of images (Ultralytics' coco.yaml) one JSON for the listed images; each is written again when what it
+was written from changes (detector/data/derived.py). Keys a
 card sets that are not card keys (imgsz, epochs, ...) are training settings, returned in `settings` for the
 config to validate.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from detector.atomic import atomic_write_text
+from detector.data.derived import default_json, read_list, write_split_json
 from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -107,16 +108,17 @@ def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCa
     if not _dataset_present(card):
         _materialize(card, raw)
         card = _resolve(card_path.stem, raw, datasets_dir, card_path.parent)  # a .txt split's folder, now it exists
-        for split in ("train", "val"):
-            split_files(card, split)  # writes a JSON that is missing from YOLO labels
+    for split in ("train", "val"):
+        split_files(card, split)  # writes a JSON that is missing or stale from YOLO labels
     names = card.names or _names_from_json(card.train_json)
     _check_names(card_path.stem, names, card.train_json)
     return replace(card, names=names)
 
 
 def split_files(card: DataCard, split: str) -> tuple[Path, Path]:
-    """(image folder, COCO JSON) of a card's train, val or test split; a test split's missing JSON is written
-    from its YOLO labels here, so cards with a test split cost nothing until it is used."""
+    """(image folder, COCO JSON) of a card's train, val or test split; a JSON that is missing, or was written from
+    YOLO labels that changed since, is written here (detector/data/derived.py), so cards with a test split cost
+    nothing until it is used."""
     if split not in SPLITS:
         raise DataError(f"split={split!r} is not one of {', '.join(SPLITS)}")
     if split == "test" and card.test_images is None:
@@ -127,44 +129,9 @@ def split_files(card: DataCard, split: str) -> tuple[Path, Path]:
         raise DataError(f"data card {card.name}: the {split} image list {card.listed[split]} does not exist")
     if not images.is_dir():
         raise DataError(f"the {split} images of data card {card.name} are not at {images}")
-    if not json_path.is_file():
-        if split in card.merged:
-            _merge(card, card.merged[split], images, json_path)
-        else:
-            _convert(card, images, json_path, _read_list(card.listed[split]) if split in card.listed else None)
+    write_split_json(card.name, card.names, card.root, images, json_path, folders=card.merged.get(split),
+                     listed=card.listed.get(split))
     return images, json_path
-
-
-def _merge(card: DataCard, folders: list[Path], base: Path, json_path: Path) -> None:
-    """Writes one COCO JSON for several image folders from each one's own JSON (written from its YOLO labels when
-    missing): file names relative to `base`, image and annotation ids renumbered, the categories all the same."""
-    merged: dict[str, Any] = {"images": [], "annotations": [], "categories": None}
-    for folder in folders:
-        if not folder.is_dir():
-            raise DataError(f"data card {card.name}: the image folder {folder} does not exist")
-        part = card.root / _default_json(str(folder))
-        if not part.is_file():
-            _convert(card, folder, part)
-        try:
-            data = json.loads(part.read_text(encoding="utf-8"))
-            new_ids = {image["id"]: len(merged["images"]) + i + 1 for i, image in enumerate(data["images"])}
-            merged["images"] += [{**image, "id": new_ids[image["id"]],
-                                  "file_name": (folder.relative_to(base) / image["file_name"]).as_posix()}
-                                 for image in data["images"]]
-            first = len(merged["annotations"]) + 1
-            merged["annotations"] += [{**a, "id": first + i, "image_id": new_ids[a["image_id"]]}
-                                      for i, a in enumerate(data["annotations"]) if a["image_id"] in new_ids]
-            categories = sorted(data["categories"], key=lambda c: c["id"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DataError(f"cannot merge {part} into {json_path.name}: {err!r}") from err
-        if merged["categories"] not in (None, categories):
-            raise DataError(f"data card {card.name}: {part} has other categories than {folders[0]}'s JSON; the "
-                            "folders of a split must share their classes")
-        merged["categories"] = categories
-    logger.info("%s is missing: writing it from the %d folders %s", json_path, len(folders),
-                ", ".join(str(folder.relative_to(base)) for folder in folders))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json_path, json.dumps(merged))
 
 
 def _find_card(spec: Path) -> Path:
@@ -195,14 +162,6 @@ def _get_str(name: str, raw: dict, key: str, default: str | None = None) -> str 
     return None if value is None else str(value)
 
 
-def _default_json(folder: str) -> str:
-    """images/train2017 -> annotations/instances_train2017.json (the COCO layout); a folder named `images` is named
-    by its parent, so ../valid/images (a Roboflow export) -> annotations/instances_valid.json."""
-    path = Path(folder)
-    split = path.parent.name if path.name == "images" and path.parent.name not in ("", ".", "..") else path.name
-    return f"annotations/instances_{split}.json"
-
-
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
     """Card keys -> paths (nothing is checked on disk yet, but for the image lists a split may name)."""
     splits = {split: _split_folders(name, raw, split) for split in SPLITS}
@@ -231,7 +190,7 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
             images = _list_base(listed[split])
             default = f"annotations/instances_{Path(folders[0]).stem}.json"
         elif len(folders) == 1:
-            images, default = root / folders[0], _default_json(folders[0])
+            images, default = root / folders[0], default_json(folders[0])
         else:  # one JSON for all of them, its file names relative to the folder they share
             merged[split] = [root / folder for folder in folders]
             images = Path(os.path.commonpath(merged[split]))
@@ -257,36 +216,12 @@ def _split_folders(name: str, raw: dict, split: str) -> list[str]:
     return [value] if value else []
 
 
-def _read_list(path: Path) -> list[Path]:
-    """The images a .txt lists, one path per line, relative to the list's folder (`./images/a.jpg`) or absolute."""
-    from detector.data.convert import IMAGE_SUFFIXES
-
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read the image list {path}: {err}") from err
-    files = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        file = Path(os.path.normpath(path.parent / line.strip()))
-        if file.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"{path}:{number}: {line.strip()!r} is not an image file "
-                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-        if not file.is_file():
-            raise DataError(f"{path}:{number}: the image {file} does not exist; fix the line or remove it")
-        files.append(file)
-    if not files:
-        raise DataError(f"the image list {path} lists no images")
-    return files
-
-
 def _list_base(path: Path) -> Path:
     """The folder a .txt list's images share (their file names in the JSON are relative to it); the list's own
     folder while the list does not exist."""
     if not path.is_file():
         return path.parent
-    folders = {file.parent for file in _read_list(path)}
+    folders = {file.parent for file in read_list(path)}
     return Path(os.path.commonpath(sorted(folders)))
 
 
@@ -353,25 +288,6 @@ def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
         os.replace(source, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _convert(card: DataCard, images: Path, json_path: Path, files: list[Path] | None = None) -> None:
-    """Writes a split's missing COCO JSON from the YOLO labels beside its images (images/<split> <-> labels/<split>,
-    <split>/images <-> <split>/labels: the last `images` part of the path read as `labels`): every image under
-    `images`, or the `files` a .txt lists."""
-    parts = list(images.parts)
-    last = max((i for i, part in enumerate(parts) if part == "images"), default=None)
-    labels = Path(*parts[:last], "labels", *parts[last + 1:]) if last is not None else None
-    if labels is None or not labels.is_dir():
-        yolo = f"YOLO labels at {labels}" if labels else "YOLO labels in a 'labels' folder paired with an 'images' one"
-        raise DataError(f"{json_path} is missing: put the COCO JSON there (or name it with train_json, val_json or "
-                        f"test_json in card '{card.name}'), or {yolo}")
-    if not card.names:
-        raise DataError(f"data card {card.name}: 'names' is needed to convert the YOLO labels at {labels}")
-    from detector.data.convert import yolo_to_coco
-
-    logger.info("%s is missing: writing it from the YOLO labels at %s", json_path, labels)
-    yolo_to_coco(images, labels, json_path, card.names, files)
 
 
 def _names_from_json(json_path: Path) -> list[str]:
