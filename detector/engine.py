@@ -25,6 +25,7 @@ from detector.metrics import CONFUSION_CONF, CONFUSION_IOU, DetectionMetrics
 from detector.optim import ModelEMA, Schedule
 from detector.plots import plot_batch, plot_confusion_matrix, plot_pr_curves
 from detector.postprocess import Detections, decode, non_max_suppression
+from detector.runs import paused_gc
 
 logger = logging.getLogger(__name__)
 
@@ -246,15 +247,17 @@ def predict_loader(model: nn.Module, loader, *, device: torch.device, category_i
     model.eval()
     detections, image_ids = [], []
     # The bar erases itself when done: only on a terminal; in a file it would run into the metrics table.
-    for batch in tqdm(loader, desc="validating", disable=not progress or not sys.stderr.isatty(), leave=False,
-                      dynamic_ncols=True):
-        results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=max_det,
-                          amp_dtype=amp_dtype, channels_last=channels_last, classes=classes)
-        for i, result in enumerate(results):
-            image_id = int(batch.image_ids[i])
-            image_ids.append(image_id)
-            detections.extend(to_coco(result, batch.scales[i], batch.pads[i], batch.orig_sizes[i],
-                                      image_id, category_ids))
+    bar = tqdm(loader, desc="validating", disable=not progress or not sys.stderr.isatty(), leave=False,
+               dynamic_ncols=True)
+    with paused_gc():
+        for batch in bar:
+            results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=max_det,
+                              amp_dtype=amp_dtype, channels_last=channels_last, classes=classes)
+            for i, result in enumerate(results):
+                image_id = int(batch.image_ids[i])
+                image_ids.append(image_id)
+                detections.extend(to_coco(result, batch.scales[i], batch.pads[i], batch.orig_sizes[i],
+                                          image_id, category_ids))
     return detections, image_ids
 
 

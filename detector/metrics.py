@@ -18,6 +18,7 @@ from faster_coco_eval import COCOeval_faster as COCOeval
 from torchvision.ops import box_convert, box_iou
 
 from detector.data.coco import relabel
+from detector.runs import paused_gc
 
 CONFUSION_CONF = 0.25  # score a detection needs to enter the confusion matrix (predict's default)
 CONFUSION_IOU = 0.45   # IoU at which a detection and a ground-truth box are taken for the same object
@@ -115,7 +116,7 @@ def coco_evaluate(ground_truth: COCO, detections: list[dict], image_ids: list[in
         overall.confusion_labels = [*names_by_category.values(), "background"]
     if not detections:
         return overall
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), paused_gc():
         results = ground_truth.loadRes([dict(d) for d in detections])  # it adds keys to each (area, id, ...)
         evaluator = COCOeval(ground_truth, results, "bbox")
         evaluator.params.imgIds = list(image_ids)

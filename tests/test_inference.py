@@ -284,6 +284,32 @@ def test_a_large_photo_is_decoded_smaller_and_its_boxes_come_back_in_its_own_pix
     assert whole.boxes_xyxy[:, 0::2].max() > width and whole.boxes_xyxy[:, 1::2].max() > height  # not clipped small
 
 
+def test_validation_runs_with_the_garbage_collector_paused_and_restores_it(coco8_checkpoint, datasets_dir):
+    import gc
+
+    from detector.runs import paused_gc
+
+    seen = []
+    model = Model(coco8_checkpoint)
+    handle = register_module_forward_pre_hook(lambda module, args: seen.append(gc.isenabled()))
+    try:
+        model.val(data=str(datasets_dir / "coco8" / "annotations" / "instances_val.json"), conf=0.3)
+    finally:
+        handle.remove()
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(ZeroDivisionError), paused_gc():
+        assert not gc.isenabled()
+        _ = 1 / 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # a caller's own setting is kept
+    finally:
+        gc.enable()
+
+
 def test_fused_conv_bn_computes_the_same_outputs():
     model = content_sensitive_detector(num_classes=5, seed=1)
     images = torch.rand(2, 3, 64, 64)
