@@ -38,7 +38,8 @@ def decode(outputs: list[torch.Tensor], strides: tuple[int, ...], reg_max: int) 
 
 def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf: float = 0.25, iou: float = 0.7,
                         max_det: int = 300, classes: list[int] | None = None) -> list[Detections]:
-    """Class-wise NMS over a whole batch in one torchvision call.
+    """Class-wise NMS of each image of a batch (torchvision's batched_nms), over the batch's MAX_CANDIDATES best
+    (anchor, class) pairs.
 
     An anchor may yield one detection per class whose score passes `conf` (several labels per box
     raise recall at a low conf, as COCO evaluation wants).
@@ -66,11 +67,13 @@ def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf:
     if len(candidate_scores) > MAX_CANDIDATES:
         top = candidate_scores.topk(MAX_CANDIDATES).indices
         image, anchor, cls, candidate_scores = image[top], anchor[top], cls[top], candidate_scores[top]
-    candidate_boxes = boxes_xyxy[image, anchor]
-    keep = batched_nms(candidate_boxes.float(), candidate_scores.float(), image * num_classes + cls, iou)
-    image = image[keep]  # keep is sorted by score, so each image's detections come out best first
+    candidate_boxes = boxes_xyxy[image, anchor].float()
     results = []
     for index in range(batch):
-        mine = keep[image == index][:max_det]
-        results.append(Detections(candidate_boxes[mine], candidate_scores[mine], cls[mine]))
+        # One call per image: torchvision runs a large call class by class, finding each class's candidates in all
+        # of them, so one call for the batch spent most of its time there (validation at conf 0.001: 0.62x the
+        # NMS time image by image, the same detections).
+        mine = (image == index).nonzero().squeeze(1)
+        keep = mine[batched_nms(candidate_boxes[mine], candidate_scores[mine].float(), cls[mine], iou)[:max_det]]
+        results.append(Detections(candidate_boxes[keep], candidate_scores[keep], cls[keep]))  # best first
     return results
