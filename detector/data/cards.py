@@ -55,10 +55,12 @@ class DataCard:
         test_images, test_json: The test split, when the card names one (`detector val split=test`); its JSON is
             written from YOLO labels when first asked for (split_files).
         merged: The image folders of each split the card lists several for; that split's images are the folder
-            they share, and its JSON, written on first use, holds them all (split_files).
+            they share, and its JSON, written on first use (and again when theirs change), holds them all
+            (split_files).
         listed: The .txt image list of each split given as one (lines are image paths, relative to the list's
-            folder or absolute); that split's images are the folder its images share, and its JSON, when missing,
-            is written from their YOLO labels (split_files).
+            folder or absolute); that split's images are the folder its images share, and its JSON, when missing
+            (or written here before the list, the images or their labels changed), is written from their YOLO
+            labels (split_files).
     """
 
     name: str
