@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 STREAM_MAX_BATCH = 1024  # AutoBatch's cap when a stream's length is unknown (a generator)
+# Without max_wait_ms, frames wait for a full batch of their input shape while the frames held plus the results
+# waiting for an older frame that keep their frame, and the results waiting, are at most this many batches.
+HELD_BATCHES = 4
 
 
 class TorchForward:
@@ -97,28 +100,64 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
         max_wait_ms: longest wait of a batch's first frame for the rest (None: until the batch is full).
         conf, iou, max_det, classes: NMS settings (detector/postprocess.py).
         rect: letterbox each frame to the smallest multiples of 32 around it (a 16:9 video at 640 runs at 640 x
-            384), a group of frames of several shapes taking one forward per shape; False: S x S squares, all an
-            ONNX model takes.
+            384); every forward takes frames of one shape. Without max_wait_ms a frame waits, among up to
+            HELD_BATCHES batches of frames, for a full batch of its shape (a folder of landscape and portrait
+            photos runs in full batches), and results still come in source order; with it, a group that arrived
+            runs at once, one forward per shape. False: S x S squares, all an ONNX model takes.
 
     Yields:
         One Result per frame, in source order.
     """
     prepare = partial(_letterbox, image_size=image_size, rect=rect)
-    for group in iter_batches(open_source(source, image_size), batch, max_wait_ms, transform=prepare):
-        # One forward per input shape in the group: no frame is padded past its own rectangle, so what is found
-        # in a frame does not depend on the frames batched with it.
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for position, item in enumerate(group):
-            by_shape.setdefault(item.image.shape, []).append(position)
-        found: list[Detections | None] = [None] * len(group)
-        for positions in by_shape.values():
-            images = torch.from_numpy(np.stack([group[i].image for i in positions]).transpose(0, 3, 1, 2))
-            boxes, scores = forward(images)
-            detections = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det, classes=classes)
-            for position, detected in zip(positions, detections, strict=True):
-                found[position] = detected
-        for item, detections in zip(group, found, strict=True):
-            yield _to_result(item, detections, names, category_ids)
+    held: dict[tuple[int, ...], list[_Letterboxed]] = {}  # frames of each input shape not run yet
+    done: dict[int, Result] = {}
+    next_index = 0
+    window = 0 if max_wait_ms is not None else HELD_BATCHES * batch
+
+    def run(items: list[_Letterboxed]) -> None:
+        # Frames of one shape only: no frame is padded past its own rectangle, so what is found in a frame does not
+        # depend on the frames batched with it.
+        boxes, scores = forward(torch.from_numpy(np.stack([item.image for item in items]).transpose(0, 3, 1, 2)))
+        detections = non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det, classes=classes)
+        for item, found in zip(items, detections, strict=True):
+            done[item.frame.index] = _to_result(item, found, names, category_ids)
+
+    def run_full_batches() -> None:
+        for items in held.values():
+            while len(items) >= batch:
+                run(items[:batch])
+                del items[:batch]
+
+    def run_oldest() -> None:  # the shape of the oldest frame held, full batch or not
+        oldest = min((items for items in held.values() if items), key=lambda items: items[0].frame.index)
+        run(oldest)
+        oldest.clear()
+
+    error = None
+    try:
+        for group in iter_batches(open_source(source, image_size), batch, max_wait_ms, transform=prepare):
+            for item in group:
+                held.setdefault(item.image.shape, []).append(item)
+            run_full_batches()
+            while True:
+                while next_index in done:
+                    yield done.pop(next_index)
+                    next_index += 1
+                # Within the window: the frames held plus the results waiting for an older frame that keep their
+                # frame (arrays, video frames), and the results waiting.
+                framed = sum(result.image is not None for result in done.values())
+                if not any(held.values()) or max(sum(map(len, held.values())) + framed, len(done)) <= window:
+                    break
+                run_oldest()
+    except Exception as err:  # a frame that cannot be read: the frames before it still get their results
+        error = err
+    while any(held.values()):
+        run_oldest()
+    while next_index in done:
+        yield done.pop(next_index)
+        next_index += 1
+    if error is not None:
+        raise error
 
 
 def inference_batch(model: nn.Module, *, image_size: int, device: torch.device, fraction: float, max_batch: int,

@@ -164,6 +164,50 @@ def test_predict_letterboxes_each_frame_to_its_rectangle_and_maps_boxes_back_in_
                                        atol=max(image.shape[:2]) / 128)
 
 
+def test_frames_wait_for_a_full_batch_of_their_shape_and_results_still_come_in_order():
+    """A folder of landscape and portrait photos: without max_wait_ms each forward takes a full batch of one shape
+    (frames held back up to HELD_BATCHES batches); with it, each arrived group runs at once, a forward per shape.
+    A frame that cannot be read still leaves the results of the frames before it."""
+    from detector.errors import DataError
+    from detector.predict import HELD_BATCHES, predict
+
+    def frame(height, width):
+        image = np.full((height, width, 3), 40, np.uint8)
+        image[height // 4:height // 2, width // 4:width // 2] = 255
+        return image
+
+    wide, tall = frame(100, 200), frame(300, 150)
+    frames = [wide, tall, tall, wide, tall, wide, wide, tall, tall, wide, wide, tall]  # 6 of each, mixed
+    seen = []
+    results = list(predict(white_box_forward(seen), frames, names=["white"], category_ids=[1], image_size=128,
+                           batch=3))
+    assert sorted(seen) == [(3, 3, 64, 128)] * 2 + [(3, 3, 128, 64)] * 2  # 4 full forwards, not 8 partial ones
+    assert [r.index for r in results] == list(range(12))
+    assert all(r.boxes_xyxy[0, 2] - r.boxes_xyxy[0, 0] == pytest.approx(frames[r.index].shape[1] / 4, abs=2)
+               for r in results)
+    arrived = []
+    list(predict(white_box_forward(arrived), iter(frames), names=["white"], category_ids=[1], image_size=128,
+                 batch=3, max_wait_ms=10_000))  # groups of 3 as they arrive, each split by shape
+    assert [size for size, *_ in arrived] == [1, 2, 2, 1, 1, 2, 2, 1]  # oldest frame's shape first
+    lone = []  # one tall frame among many wide ones: it waits only while the window has room
+    stream = predict(white_box_forward(lone), [tall] + [wide] * 40, names=["white"], category_ids=[1],
+                     image_size=128, batch=2)
+    first = next(stream)
+    assert first.index == 0 and lone == [(2, 3, 64, 128)] * HELD_BATCHES + [(1, 3, 128, 64)]  # 8 results waited
+    assert [r.index for r in stream] == list(range(1, 41))
+
+    def failing():
+        yield from frames[:5]
+        raise DataError("cannot read image broken.jpg")
+
+    got = []
+    with pytest.raises(DataError, match="broken.jpg"):
+        for result in predict(white_box_forward([]), failing(), names=["white"], category_ids=[1], image_size=128,
+                              batch=3):
+            got.append(result.index)
+    assert got == [0, 1, 2, 3, 4]
+
+
 def test_nms_classes_keeps_only_those_and_frees_their_places():
     from detector.postprocess import non_max_suppression
 
