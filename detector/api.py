@@ -121,7 +121,8 @@ class Model:
 
     def predict(self, source, *, imgsz: int | None = None, batch: float = 8, max_wait_ms: float | None = None,
                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300, classes=None, device: str = "",
-                save_dir: str | Path | None = None, stream: bool = False) -> list[Result] | Iterator[Result]:
+                save_dir: str | Path | None = None, save_txt: str | Path | None = None,
+                stream: bool = False) -> list[Result] | Iterator[Result]:
         """Detect objects in images, videos, folders, globs, arrays, or a list or iterable of them.
 
         Frames are read ahead in a thread and grouped into batches as they arrive; results come in source
@@ -141,13 +142,16 @@ class Model:
                 ("0,2", "person,car"); None detects all.
             device: '', cpu, cuda, 0, cuda:0.
             save_dir: write each image drawn with its boxes there.
+            save_txt: write each image's detections there as a YOLO label file, <image stem>.txt ("class cx cy w h",
+                normalised; an empty file for an image without any), labels to train on or to check by eye.
             stream: return a generator (results as they are ready) instead of a list.
         """
         if max_wait_ms is not None and not max_wait_ms >= 0:
             raise ConfigError(f"invalid value max_wait_ms={max_wait_ms!r}: expected milliseconds >= 0 or None")
-        blocker = None if save_dir is None else file_in_the_way(Path(save_dir))
-        if blocker is not None:
-            raise ConfigError(f"save_dir={save_dir} cannot be a folder: {blocker} is a file; give save_dir= a folder")
+        for key, folder in (("save_dir", save_dir), ("save_txt", save_txt)):
+            blocker = None if folder is None else file_in_the_way(Path(folder))
+            if blocker is not None:
+                raise ConfigError(f"{key}={folder} cannot be a folder: {blocker} is a file; give {key}= a folder")
         settings = make_config({"imgsz": imgsz or self._trained_size(), "batch": batch, "conf": conf, "iou": iou,
                                 "max_det": max_det, "device": device})
         device = select_device(settings.device)
@@ -169,8 +173,8 @@ class Model:
                           batch=batch, max_wait_ms=max_wait_ms, conf=settings.conf, iou=settings.iou,
                           max_det=settings.max_det, rect=not self.spec.endswith(".onnx"),
                           classes=class_indices(classes, names))
-        if save_dir is not None:
-            results = _saving(results, Path(save_dir))
+        if save_dir is not None or save_txt is not None:
+            results = _saving(results, save_dir, save_txt)
         return results if stream else list(results)
 
     def export(self, format: str = "onnx", *, imgsz: int | None = None, file: str | Path | None = None,
@@ -251,8 +255,12 @@ class Model:
         return self
 
 
-def _saving(results: Iterator[Result], save_dir: Path) -> Iterator[Result]:
-    """Pass results on, writing each one's drawn image into save_dir first."""
+def _saving(results: Iterator[Result], save_dir: str | Path | None, save_txt: str | Path | None
+            ) -> Iterator[Result]:
+    """Pass results on, writing each one's drawn image into save_dir and its YOLO labels into save_txt first."""
     for result in results:
-        result.save(save_dir / result.file_name)
+        if save_dir is not None:
+            result.save(Path(save_dir) / result.file_name)
+        if save_txt is not None:
+            atomic_write_text(Path(save_txt) / Path(result.file_name).with_suffix(".txt"), result.to_yolo())
         yield result

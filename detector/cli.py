@@ -13,7 +13,8 @@ from detector.errors import DetectorError
 
 USAGE = """usage: detector train [key=value ...]      train (python train.py is the same)
        detector val model=best.pt [data=... split=val|test|train save_json=FILE]   COCO mAP of a checkpoint
-       detector predict model=best.pt source=PATH [conf=0.25 batch=8 max_wait_ms=50 save_dir=DIR classes=0,2]
+       detector predict model=best.pt source=PATH [conf=0.25 batch=8 max_wait_ms=50 save_dir=DIR save_txt=DIR
+                                                    classes=0,2]
        detector export model=best.pt [imgsz=640 file=best.onnx]   ONNX, dynamic batch (needs detector[export])
        detector benchmark batches=2,4,8,16,-1 [key=value ...]   what batch size does to speed, memory, mAP
        detector convert images=DIR labels=DIR out=FILE.json names=data.yaml   YOLO txt -> COCO JSON
@@ -112,7 +113,8 @@ def _inference(command: str, argv: list[str]) -> int:
         print(f"wrote {model.export(**_pairs([f'{k}={v}' for k, v in args.items()], {'imgsz', 'file'}, command))}")
         return 0
     options = _pairs([f"{k}={v}" for k, v in args.items()], {"source", "conf", "iou", "imgsz", "batch", "max_det",
-                                                              "max_wait_ms", "save_dir", "device", "classes"}, command)
+                                                              "max_wait_ms", "save_dir", "save_txt", "device",
+                                                              "classes"}, command)
     if "source" not in options:
         raise DetectorError("predict needs source=<image, video, folder or glob>")
     source = options.pop("source")

@@ -79,7 +79,7 @@ def _to_result(item: _Letterboxed, found: Detections, names: list[str], category
     keep_image = not frame.path or frame.frame is not None
     return Result(frame.path, frame.index, xyxy.astype(np.float32), found.scores.float().cpu().numpy(),
                   found.classes.cpu().numpy().astype(np.int64), list(names), list(category_ids), frame.frame,
-                  frame.image if keep_image else None)
+                  frame.image if keep_image else None, (height, width))
 
 
 def predict(forward: Forward, source, *, names: list[str], category_ids: list[int], image_size: int,

@@ -29,6 +29,7 @@ class Result:
         frame: the picture's number within its video, None for still images.
         image: the original uint8 (H, W, 3) BGR image, kept when it cannot be read again from `path`
             (arrays and video frames); None for image files.
+        size: (height, width) of the original image.
     """
 
     path: str
@@ -40,6 +41,7 @@ class Result:
     category_ids: list[int]
     frame: int | None = None
     image: np.ndarray | None = None
+    size: tuple[int, int] | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -74,6 +76,15 @@ class Result:
         if not cv2.imwrite(str(out_path), self.draw()):
             raise DataError(f"cannot write {out_path}: is the suffix an image format OpenCV knows?")
         return out_path
+
+    def to_yolo(self, scores: bool = False) -> str:
+        """The detections as a YOLO label file: one "class cx cy w h" line each, normalised to the image's size
+        (with `scores`, the score as a sixth column); what `detector convert` and YOLO trainers read back."""
+        height, width = self.size if self.size is not None else self.original().shape[:2]
+        boxes = self.boxes_xyxy.astype(np.float64) / [width, height, width, height]
+        centres, sides = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+        return "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}" + (f" {s:.5f}" if scores else "") + "\n"
+                       for c, (x, y), (w, h), s in zip(self.classes, centres, sides, self.scores, strict=True))
 
     def to_coco(self, image_id: int) -> list[dict]:
         """COCO results entries (as COCO.loadRes reads them): image_id, category_id (the dataset's own id,

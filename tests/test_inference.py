@@ -208,6 +208,32 @@ def test_frames_wait_for_a_full_batch_of_their_shape_and_results_still_come_in_o
     assert got == [0, 1, 2, 3, 4]
 
 
+def test_save_txt_writes_yolo_labels_that_convert_back_to_the_same_boxes(coco8_checkpoint, datasets_dir, tmp_path):
+    """predict save_txt= writes each image's detections as a YOLO label file; `detector convert` (yolo_to_coco) reads
+    them back as the same boxes, so predictions can be trained on (pseudo-labels) or checked in a labelling tool."""
+    from detector.data.coco import CocoDataset
+    from detector.data.convert import COCO80_NAMES, yolo_to_coco
+
+    images = tmp_path / "images"
+    shutil.copytree(datasets_dir / "coco8" / "images" / "val", images)
+    blank = np.full((90, 120, 3), 40, np.uint8)
+    cv2.imwrite(str(images / "blank.png"), blank)
+    results = Model(coco8_checkpoint).predict(images, conf=0.5, save_txt=tmp_path / "labels")
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == sorted(
+        f"{Path(r.path).stem}.txt" for r in results)
+    found = {Path(r.path).name: r for r in results}
+    assert sum(len(r.scores) for r in results) > 5
+    converted = CocoDataset(images, yolo_to_coco(images, tmp_path / "labels", tmp_path / "back.json", COCO80_NAMES))
+    for path, target in zip(converted.paths, converted.targets, strict=True):
+        result = found[path.name]
+        np.testing.assert_array_equal(target.classes, result.classes)
+        np.testing.assert_allclose(target.boxes_xyxy, result.boxes_xyxy, atol=0.01)  # 6 decimals of the size
+    busiest = max(results, key=lambda r: len(r.scores))
+    assert busiest.to_yolo(scores=True) == "".join(f"{line} {s:.5f}\n" for line, s in zip(
+        busiest.to_yolo().splitlines(), busiest.scores, strict=True))
+    assert (tmp_path / "labels" / "blank.txt").read_text() == found["blank.png"].to_yolo()  # "" without detections
+
+
 def test_nms_classes_keeps_only_those_and_frees_their_places():
     from detector.postprocess import non_max_suppression
 
