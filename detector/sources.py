@@ -23,10 +23,9 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from detector.data.coco import READ_FLAGS, header_size, reduction_for
+from detector.data.images import IMAGE_SUFFIXES, READ_FLAGS, header_size, reduction_for
 from detector.errors import DataError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
 T = TypeVar("T")
@@ -128,7 +127,7 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
 def open_source(source, decode_size: int | None = None) -> Iterator[Frame]:
     """Every frame of `source`, in order: a path, a glob, a folder, a video, an array, or a list or iterable
     of any of these (read lazily: nothing is decoded before it is asked for). An image file whose longest side
-    is at least twice `decode_size` is decoded smaller, as training and validation decode it (coco.reduction_for).
+    is at least twice `decode_size` is decoded smaller, as training and validation decode it (images.reduction_for).
 
     Raises:
         DataError: a path that does not exist (at once when the source is one path), a file that cannot

@@ -20,17 +20,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import psutil
-from PIL import Image
 from pycocotools.coco import COCO
 
+from detector.data.images import probe_image, read_image, reduction_for
 from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-EXIF_ORIENTATION = 0x0112
-_SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
-_JPEG_EOI = b"\xff\xd9"
-
 
 @dataclass
 class Target:
@@ -52,84 +47,7 @@ def empty_target() -> Target:
     return Target(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))
 
 
-def probe_image(path: Path) -> tuple[int, int]:
-    """Checks that an image file is readable without decoding it fully; returns (height, width).
-
-    The size is the one after EXIF orientation (as cv2.imread returns the image). PIL's verify()
-    does not notice a truncated JPEG, so a JPEG must also end with its end-of-image marker; one
-    that does not (truncated, or trailing bytes) is decoded fully to decide.
-
-    Raises:
-        DataError: The file is missing, empty, not an image or truncated.
-    """
-    try:
-        if path.stat().st_size == 0:
-            raise DataError(f"{path} is empty")
-        with Image.open(path) as image:
-            image.verify()  # must come first: it leaves the file object unusable
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-            is_jpeg = image.format == "JPEG"
-        if is_jpeg and not _ends_with_eoi(path):
-            with Image.open(path) as image:
-                image.load()  # raises "image file is truncated"
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from err
-    if orientation in _SWAPPED_ORIENTATIONS:
-        width, height = height, width
-    return height, width
-
-
-def header_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) after EXIF orientation, from the file's header alone; None when PIL cannot read it."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-    return (width, height) if orientation in _SWAPPED_ORIENTATIONS else (height, width)
-
-
-def reduction_for(height: int, width: int, size: int | None) -> int:
-    """1, or the largest of 2, 4 and 8 at which a decode keeps the longest side at least `size` and scales it
-    exactly (the longest side divides by it): JPEG decoders shrink in the frequency domain, for a fraction of the
-    work of a full decode (a 4032 x 3024 photo for imgsz 640: 13.5 ms at 1/4 against 41 ms whole, one core)."""
-    longest, reduction = max(height, width), 1
-    while size and reduction < 8 and longest % (2 * reduction) == 0 and longest // (2 * reduction) >= size:
-        reduction *= 2
-    return reduction
-
-
-def _ends_with_eoi(path: Path) -> bool:
-    with open(path, "rb") as file:
-        file.seek(max(path.stat().st_size - 64, 0))
-        tail = file.read()
-    return tail.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
-
-
 CACHE_AUTO_SHARE = 0.1  # cache=auto keeps the decoded images when they need at most this share of free RAM
-
-READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-               8: cv2.IMREAD_REDUCED_COLOR_8}
-
-
-def read_image(path: Path, reduction: int = 1) -> np.ndarray:
-    """Decodes an image as uint8 (H, W, 3) RGB; EXIF orientation applied, grey/RGBA made 3-channel.
-
-    Args:
-        path: The image file.
-        reduction: 1, or 2, 4 or 8 to decode at that fraction of each side (sides rounded up). A JPEG
-            decoder does this in the frequency domain, for a fraction of the work of a full decode.
-    """
-    bgr = cv2.imread(str(path), READ_FLAGS[reduction])  # IMREAD_COLOR* apply EXIF and drop alpha
-    if bgr is None:
-        raise DataError(f"cannot decode image {path}; remove it or set skip_bad_images=true")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
 
 def _load_json(path: Path) -> dict:
     """Reads a COCO JSON and checks the structure pycocotools relies on."""

@@ -7,12 +7,11 @@ import logging
 from pathlib import Path
 
 from detector.atomic import atomic_write_text, check_file_path
-from detector.data.coco import probe_image
+from detector.data.images import IMAGE_SUFFIXES, probe_image
 from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 COCO80_NAMES = (
     "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,"
     "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,"

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from detector.atomic import atomic_write_text
-from detector.data.convert import IMAGE_SUFFIXES, yolo_to_coco
+from detector.data.convert import yolo_to_coco
+from detector.data.images import IMAGE_SUFFIXES
 from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
