@@ -42,7 +42,7 @@ class Plan:
     optimizer: str
     lr0: float
     warmup_iters: int
-    amp_dtype: str  # "" = full precision
+    amp_dtype: str  # autocast dtype as logged: "bfloat16", "float16", or "none" (full precision)
     batch_source: str = "fixed"  # "fixed", or what decided AutoBatch's choice (memory, throughput, ...)
     val_batch: int = 0  # images per validation step (0 = the training batch)
     world_size: int = 1  # DDP ranks sharing each batch (batch is the global batch)
@@ -97,7 +97,7 @@ def make_plan(config: Config, device: torch.device, threads: int, train_size: in
     amp_dtype = amp_dtype_for(config, device)
     return Plan(device=str(device), threads=threads, image_size=round_image_size(config.imgsz), batch=batch,
                 accumulate=accumulate, weight_decay=weight_decay, optimizer=optimizer, lr0=lr0,
-                warmup_iters=warmup_iters, amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else "",
+                warmup_iters=warmup_iters, amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else "none",
                 batch_source=batch_source, val_batch=val_batch or batch // world_size, world_size=world_size)
 
 

@@ -42,7 +42,7 @@ from detector.loss import DetectionLoss
 from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
 from detector.model import Detector, build_model
 from detector.optim import ModelEMA, Schedule, build_optimizer
-from detector.plan import Plan, auto_batch, make_plan
+from detector.plan import Plan, amp_dtype_for, auto_batch, make_plan
 from detector.plots import plot_batch, plot_labels, plot_results
 from detector.resume import resume_checkpoint
 from detector.runs import make_run_dir, select_device, set_threads, setup_logging
@@ -170,7 +170,7 @@ class Trainer:
                             warmup_iters=plan.warmup_iters, warmup_bias_lr=config.warmup_bias_lr,
                             warmup_momentum=config.warmup_momentum, momentum=config.momentum,
                             accumulate=plan.accumulate, cosine=config.cos_lr)
-        amp_dtype = getattr(torch, plan.amp_dtype) if plan.amp_dtype else None
+        amp_dtype = amp_dtype_for(config, self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         return StepContext(model=ranked_model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
                            scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
