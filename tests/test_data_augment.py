@@ -1,5 +1,6 @@
 """Augmentation keeps boxes on their objects; letterbox maps exactly; the loader is deterministic."""
 
+import colorsys
 import json
 import logging
 from pathlib import Path
@@ -8,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from albumentations.augmentations.pixel.functional import adjust_saturation_torchvision
 
-from detector.data.augment import TrainTransform, letterbox, round_image_size
+from detector.data.augment import LinearColourJitter, TrainTransform, colour_matrix, letterbox, round_image_size
 from detector.data.coco import CocoDataset, Target
 from detector.data.loader import Batch, DetectionDataset, Sample, build_dataloader, collate, set_epoch
 
@@ -91,6 +93,31 @@ def test_hsv_jitter_changes_colours_but_not_boxes(tmp_path):
     image_b, target_b = jitter(dataset, 0, np.random.default_rng(3))
     np.testing.assert_allclose(target_a.boxes_xyxy, target_b.boxes_xyxy, atol=1e-3)
     assert np.abs(image_a.astype(int) - image_b.astype(int)).mean() > 5
+
+
+def test_colour_matrix_turns_hue_about_grey_and_scales_saturation_and_value():
+    grey = np.array([90.0, 90.0, 90.0])
+    for hue, saturation in [(0.015, 1.7), (-0.3, 0.2), (0.5, 0.0)]:
+        np.testing.assert_allclose(colour_matrix(hue, saturation, 1.0) @ grey, grey, atol=1e-9)  # grey stays grey
+    np.testing.assert_allclose(colour_matrix(0.2, 0.6, 1.4) @ grey, 1.4 * grey, atol=1e-9)  # the value gain
+    # A third of a turn maps red to green to blue, as HSV's hue does.
+    np.testing.assert_allclose(colour_matrix(1 / 3, 1, 1), np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]]), atol=1e-9)
+    # A small turn moves HSV hue by about as much, averaged round the wheel (not exactly at each hue).
+    shifts = []
+    for start in np.linspace(0, 1, 24, endpoint=False):
+        rgb = np.array(colorsys.hsv_to_rgb(start, 0.8, 0.8))
+        turned = np.clip(colour_matrix(0.03, 1, 1) @ rgb, 0, 1)
+        shifts.append((colorsys.rgb_to_hsv(*turned)[0] - start + 0.5) % 1 - 0.5)
+    assert 0.027 < np.mean(shifts) < 0.033 and min(shifts) > 0
+
+
+def test_colour_jitter_saturation_is_torchvisions_blend_with_grey():
+    image = np.random.default_rng(0).integers(0, 256, (64, 48, 3), np.uint8)
+    jitter = LinearColourJitter(hue=0.0, saturation=0.7, value=0.0)
+    for factor in (0.3, 1.0, 1.6):
+        ours = jitter.apply(image, colour_matrix(0.0, factor, 1.0).astype(np.float32))
+        theirs = adjust_saturation_torchvision(image, factor)
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
 
 
 def test_letterbox_maps_boxes_and_back_exactly():
