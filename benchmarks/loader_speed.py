@@ -51,7 +51,7 @@ def main() -> None:
     print(f"{args.data}, batch 16, one core, median of {args.passes} epochs")
     print(f"{'imgsz':>6} {'train ms/image':>15} {'val ms/image':>12}")
     for size in args.sizes:
-        train = CocoDataset(card.train_images, card.train_json, cache="auto", max_size=size)
+        train = CocoDataset(card.train_images, card.train_json, cache="auto", image_size=size)
         train_ms = ms_per_image(train, train=True, image_size=size, passes=args.passes)
         val_ms = ms_per_image(val, train=False, image_size=size, passes=args.passes)
         print(f"{size:>6} {train_ms:>15.2f} {val_ms:>12.2f}", flush=True)

@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     set_threads(args.threads)  # as training sets them (and, where the code has it, its host memory setting)
     card = load_data_card(args.data)
-    dataset = CocoDataset(card.train_images, card.train_json, cache=args.cache, max_size=args.imgsz)
+    dataset = CocoDataset(card.train_images, card.train_json, cache=args.cache, image_size=args.imgsz)
     loader = build_dataloader(dataset, train=True, image_size=args.imgsz, batch_size=16, workers=args.workers)
     set_epoch(loader, 0)
     ctx = build_context(len(dataset.names), len(loader), args.channels_last)

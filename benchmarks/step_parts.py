@@ -143,7 +143,7 @@ def main() -> None:
     dataset = CocoDataset(card.train_images, card.train_json)
     count = 4 * len(dataset)
     from_disk = loading_ms_per_image(dataset, args.imgsz, count)
-    cached = loading_ms_per_image(CocoDataset(card.train_images, card.train_json, cache=True, max_size=args.imgsz),
+    cached = loading_ms_per_image(CocoDataset(card.train_images, card.train_json, cache=True, image_size=args.imgsz),
                                   args.imgsz, count)
     print(f"loading (decode + mosaic + augmentation, one thread): {from_disk:.1f} ms per image from disk, "
           f"{cached:.1f} ms from the RAM cache")

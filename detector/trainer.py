@@ -109,7 +109,7 @@ class Trainer:
         self.classes = class_indices(config.classes, self.card.names)
         labels = {"skip_bad_images": config.skip_bad_images, "single_cls": config.single_cls, "classes": self.classes}
         cache = config.cache if config.cache == "auto" else config.cache == "true"
-        self.train_data = CocoDataset(self.card.train_images, self.card.train_json, max_size=config.imgsz,
+        self.train_data = CocoDataset(self.card.train_images, self.card.train_json, image_size=config.imgsz,
                                       cache=cache, **labels)
         self.val_data = CocoDataset(self.card.val_images, self.card.val_json, **labels)
         self.names = self.train_data.names

@@ -204,11 +204,40 @@ def test_truncated_jpeg_is_caught_at_scan_or_skipped(tmp_path, caplog):
 
 def test_cache_shrinks_images_and_scales_boxes(tmp_path):
     images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [40, 20, 40, 40])])
-    dataset = CocoDataset(images_dir, json_path, cache=True, max_size=40)
+    dataset = CocoDataset(images_dir, json_path, cache=True, image_size=40)
     image, target, _ = dataset.load(0)
     assert image.shape == (30, 40, 3)
     np.testing.assert_allclose(target.boxes_xyxy, [[20, 10, 40, 30]])
     assert dataset.orig_size(0) == (60, 80)
+
+
+def test_cache_enlarges_small_images_to_the_training_size_as_training_would(tmp_path, monkeypatch):
+    from detector.data import coco
+    from detector.data.augment import TrainTransform
+
+    images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [40, 20, 40, 40]), _ann(2, [5, 5, 20, 30])])
+    for index, (height, width) in enumerate([(60, 80), (50, 40)], 1):  # texture, so the resize shows
+        cv2.imwrite(str(images_dir / f"{index}.png"),
+                    np.random.default_rng(index).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    data = json.loads(json_path.read_text())
+    for record in data["images"]:
+        record["file_name"] = record["file_name"].replace(".jpg", ".png")
+    json_path.write_text(json.dumps(data))
+    cached = CocoDataset(images_dir, json_path, cache=True, image_size=160)
+    image, target, _ = cached.load(0)
+    assert image.shape == (120, 160, 3)
+    np.testing.assert_allclose(target.boxes_xyxy, [[80, 40, 160, 120]])
+    # The cached sample is the one the disk path makes, resized once instead of every epoch.
+    transform = TrainTransform(160, degrees=5.0, shear=2.0)
+    for index in range(2):
+        a_image, a_target = transform(cached, index, np.random.default_rng(index))
+        b_image, b_target = transform(CocoDataset(images_dir, json_path), index, np.random.default_rng(index))
+        np.testing.assert_array_equal(a_image, b_image)
+        np.testing.assert_allclose(a_target.boxes_xyxy, b_target.boxes_xyxy, atol=1e-3)
+        np.testing.assert_array_equal(a_target.classes, b_target.classes)
+    # The RAM budget counts the enlarged images: 120x160 + 160x128, 3 bytes a pixel.
+    monkeypatch.setattr(coco, "CACHE_AUTO_SHARE", 0.9 * (120 * 160 + 160 * 128) * 3 / psutil.virtual_memory().available)
+    assert CocoDataset(images_dir, json_path, cache="auto", image_size=160)._cache is None
 
 
 def test_rgba_png_becomes_rgb(tmp_path):
@@ -298,12 +327,12 @@ def test_cache_auto_keeps_images_that_fit_the_ram_budget_at_the_training_size(tm
 
     images_dir, json_path = _write_dataset(tmp_path, [_ann(1, [40, 20, 40, 40])])
     with caplog.at_level(logging.INFO, logger="detector"):
-        fitting = CocoDataset(images_dir, json_path, cache="auto", max_size=40)
+        fitting = CocoDataset(images_dir, json_path, cache="auto", image_size=40)
     assert fitting.load(0)[0].shape == (30, 40, 3)  # decoded once, shrunk to the training size
     assert fitting._cache is not None and "kept in RAM" in caplog.text
     # 60x80 + 50x40 shrunk to 40 px: 30*40*3 + 40*32*3 bytes; a budget below that reads from disk.
     monkeypatch.setattr(coco, "CACHE_AUTO_SHARE", 0.9 * (30 * 40 * 3 + 40 * 32 * 3) / psutil.virtual_memory().available)
     with caplog.at_level(logging.INFO, logger="detector"):
-        too_big = CocoDataset(images_dir, json_path, cache="auto", max_size=40)
+        too_big = CocoDataset(images_dir, json_path, cache="auto", image_size=40)
     assert too_big._cache is None and "read from disk" in caplog.text
     assert too_big.load(0)[0].shape == (60, 80, 3)

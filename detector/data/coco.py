@@ -153,7 +153,7 @@ class CocoDataset:
     """
 
     def __init__(self, images_dir: Path | str, annotation_json: Path | str, *, cache: bool | str = False,
-                 skip_bad_images: bool = False, max_size: int | None = None, single_cls: bool = False,
+                 skip_bad_images: bool = False, image_size: int | None = None, single_cls: bool = False,
                  classes: list[int] | None = None) -> None:
         """Parses the JSON and checks every image file.
 
@@ -163,7 +163,9 @@ class CocoDataset:
             cache: Keep the decoded images in RAM (decoded once, here): True, False, or "auto" for True when
                 they need at most CACHE_AUTO_SHARE of the available RAM (shared by the local DDP ranks).
             skip_bad_images: Drop missing/unreadable images with a warning instead of raising.
-            max_size: With cache, shrink cached images so their longest side is at most this.
+            image_size: With cache, resize cached images so their longest side is this (the training size,
+                at which each sample then needs no resize): down with area averaging, up bilinearly as
+                training's own resize would (the same pixels, made once instead of every epoch).
             single_cls: Every box is of one class, 'object' (see relabel).
             classes: Keep only the boxes of these class indices (None: all); the classes stay (see relabel).
 
@@ -206,16 +208,16 @@ class CocoDataset:
         self.max_boxes = max((len(t) for t in self.targets), default=0)
         self._cache: list[np.ndarray] | None = None
         if cache == "auto":
-            cache = self._fits_in_ram(max_size)
+            cache = self._fits_in_ram(image_size)
         if cache:
-            self._cache = [self._decode(i, max_size) for i in range(len(self))]
+            self._cache = [self._decode(i, image_size) for i in range(len(self))]
         logger.info("%s: %d images, %d boxes, %d classes", self.annotation_json.name, len(self),
                     sum(len(t) for t in self.targets), len(self.names))
 
-    def _fits_in_ram(self, max_size: int | None) -> bool:
-        """Whether the decoded images (shrunk to max_size) take at most CACHE_AUTO_SHARE of the available RAM."""
-        shrink = [min(max_size / max(size), 1.0) if max_size else 1.0 for size in self.sizes]
-        need = sum(3 * (h * f) * (w * f) for (h, w), f in zip(self.sizes, shrink, strict=True))
+    def _fits_in_ram(self, image_size: int | None) -> bool:
+        """Whether the decoded images (resized to image_size) take at most CACHE_AUTO_SHARE of the available RAM."""
+        scales = [image_size / max(size) if image_size else 1.0 for size in self.sizes]
+        need = sum(3 * (h * f) * (w * f) for (h, w), f in zip(self.sizes, scales, strict=True))
         budget = CACHE_AUTO_SHARE * psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         fits = need <= budget
         logger.info("cache=auto: %s decoded images need %.2f GiB, %s", self.annotation_json.name, need / 2**30,
@@ -261,13 +263,13 @@ class CocoDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _decode(self, index: int, max_size: int | None) -> np.ndarray:
+    def _decode(self, index: int, image_size: int | None) -> np.ndarray:
         image = read_image(self.paths[index])
         height, width = image.shape[:2]
-        if max_size and max(height, width) > max_size:
-            ratio = max_size / max(height, width)
+        if image_size and max(height, width) != image_size:
+            ratio = image_size / max(height, width)
             size = (max(round(width * ratio), 1), max(round(height * ratio), 1))
-            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR)
         return image
 
     def load(self, index: int, size: int | None = None) -> tuple[np.ndarray, Target, int]:
@@ -288,7 +290,7 @@ class CocoDataset:
         target = self.targets[index]
         height, width = self.sizes[index]
         if image.shape[:2] != (height, width):
-            # Decoded at reduced scale, cached shrunk, or changed since the scan: rescale and clip the boxes.
+            # Decoded at reduced scale, cached resized, or changed since the scan: rescale and clip the boxes.
             # A reduced decode scales the content by exactly 1 / reduction (an odd side ends on a part pixel).
             new_height, new_width = image.shape[:2]
             factor = (np.array([new_width / width, new_height / height] * 2, np.float32) if reduction == 1
