@@ -110,8 +110,8 @@ def make_inference_step(model: nn.Module, *, image_size: int, device: torch.devi
     gradients, decoding and NMS.
 
     NMS runs at `conf`, by default 0, its worst case: every (anchor, class) pair is a candidate, up to
-    the cap. (Timing inference on CPU, pass the run's conf: 30,000 candidates cost seconds of NMS per
-    batch there, whatever the batch, which no real image at conf 0.25 gives.)
+    the cap. (Timing inference on CPU, pass the run's conf: at conf 0 the time is NMS sorting candidates
+    that no real image at conf 0.25 gives.)
     """
     device = torch.device(device)
     net = copy.deepcopy(model).to(device).eval()

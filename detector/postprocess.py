@@ -9,7 +9,11 @@ from torchvision.ops import batched_nms
 
 from detector.boxes import distance_to_xyxy, expected_distance, flatten_outputs, make_anchors
 
-MAX_CANDIDATES = 30_000  # (anchor, class) pairs per batch kept for NMS, highest scores first
+MAX_CANDIDATES = 30_000  # (anchor, class) pairs of an image NMS looks at, highest scores first
+# Tried first: greedy NMS keeps a box or not for the boxes scored above it only, so the survivors of an
+# image's best candidates are the first survivors of all of them, and when they are max_det the rest
+# change nothing. Under 1,000 boxes torchvision's CPU batched_nms also takes its faster path (one call).
+FIRST_CANDIDATES = 999
 
 
 @dataclass
@@ -38,8 +42,8 @@ def decode(outputs: list[torch.Tensor], strides: tuple[int, ...], reg_max: int) 
 
 def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf: float = 0.25, iou: float = 0.7,
                         max_det: int = 300, classes: list[int] | None = None) -> list[Detections]:
-    """Class-wise NMS of each image of a batch (torchvision's batched_nms), over the batch's MAX_CANDIDATES best
-    (anchor, class) pairs.
+    """Class-wise NMS (torchvision's batched_nms) of each image of a batch, over its MAX_CANDIDATES best
+    (anchor, class) pairs: an image's detections do not depend on the images batched with it.
 
     An anchor may yield one detection per class whose score passes `conf` (several labels per box
     raise recall at a low conf, as COCO evaluation wants).
@@ -56,24 +60,22 @@ def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf:
     Returns:
         One Detections per image.
     """
-    batch, _, num_classes = scores.shape
     passing = scores > conf
     if classes is not None:
-        wanted = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
+        wanted = torch.zeros(scores.shape[2], dtype=torch.bool, device=scores.device)
         wanted[list(classes)] = True
         passing &= wanted
-    image, anchor, cls = passing.nonzero(as_tuple=True)
-    candidate_scores = scores[image, anchor, cls]
-    if len(candidate_scores) > MAX_CANDIDATES:
-        top = candidate_scores.topk(MAX_CANDIDATES).indices
-        image, anchor, cls, candidate_scores = image[top], anchor[top], cls[top], candidate_scores[top]
-    candidate_boxes = boxes_xyxy[image, anchor].float()
     results = []
-    for index in range(batch):
+    for index in range(len(scores)):
         # One call per image: torchvision runs a large call group by group, finding each group's candidates among
-        # all of them, and one call for the batch spent most of its time there (validation at conf 0.001 image by
-        # image: 0.63x the NMS time at 320, 0.72x at 640, from the same candidates; benchmarks/nms_speed.py).
-        mine = (image == index).nonzero().squeeze(1)
-        keep = mine[batched_nms(candidate_boxes[mine], candidate_scores[mine].float(), cls[mine], iou)[:max_det]]
-        results.append(Detections(candidate_boxes[keep], candidate_scores[keep], cls[keep]))  # best first
+        # all of them, and one call for the batch spent most of its time there (benchmarks/nms_speed.py).
+        anchor, cls = passing[index].nonzero(as_tuple=True)
+        candidate_scores = scores[index, anchor, cls].float()
+        order = candidate_scores.argsort(descending=True)[:MAX_CANDIDATES]
+        for tried in (order[:FIRST_CANDIDATES], order):
+            keep = batched_nms(boxes_xyxy[index, anchor[tried]].float(), candidate_scores[tried], cls[tried], iou)
+            if len(keep) >= max_det or len(tried) == len(order):
+                break
+        keep = tried[keep[:max_det]]
+        results.append(Detections(boxes_xyxy[index, anchor[keep]].float(), candidate_scores[keep], cls[keep]))
     return results

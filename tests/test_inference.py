@@ -245,6 +245,45 @@ def test_nms_classes_keeps_only_those_and_frees_their_places():
     assert only_one.classes.tolist() == [1, 1] and only_one.scores.tolist() == pytest.approx([0.5, 0.4])
 
 
+def _random_outputs(generator: torch.Generator, batch: int, anchors: int, classes: int):
+    """Boxes with integer corners (batched_nms's class offsets stay exact) and random scores."""
+    corners = torch.randint(0, 60, (batch, anchors, 2), generator=generator)
+    sizes = torch.randint(1, 30, (batch, anchors, 2), generator=generator)
+    return torch.cat([corners, corners + sizes], -1).float(), torch.rand(batch, anchors, classes, generator=generator)
+
+
+@pytest.mark.parametrize("first", [1, 7, 50, 10_000])
+def test_nms_from_the_best_candidates_first_equals_nms_over_all_of_them(monkeypatch, first):
+    from torchvision.ops import batched_nms
+
+    from detector import postprocess
+
+    monkeypatch.setattr(postprocess, "FIRST_CANDIDATES", first)
+    generator = torch.Generator().manual_seed(first)
+    boxes, scores = _random_outputs(generator, 3, 80, 4)
+    for max_det in (1, 5, 40, 300):
+        found = postprocess.non_max_suppression(boxes, scores, conf=0.3, iou=0.5, max_det=max_det)
+        for index, detections in enumerate(found):
+            anchor, cls = (scores[index] > 0.3).nonzero(as_tuple=True)
+            keep = batched_nms(boxes[index, anchor], scores[index, anchor, cls], cls, 0.5)[:max_det]
+            assert torch.equal(detections.classes, cls[keep])
+            assert torch.equal(detections.boxes_xyxy, boxes[index, anchor[keep]])
+
+
+def test_nms_of_an_image_does_not_depend_on_its_batch_mates(monkeypatch):
+    from detector import postprocess
+
+    monkeypatch.setattr(postprocess, "MAX_CANDIDATES", 100)  # fewer than the crowded image's candidates
+    generator = torch.Generator().manual_seed(0)
+    boxes, scores = _random_outputs(generator, 2, 200, 3)
+    scores[1] = scores[1] * 0.5 + 0.5  # image 1 crowded with candidates that all outscore image 0's
+    alone = postprocess.non_max_suppression(boxes[:1], scores[:1], conf=0.4, max_det=50)[0]
+    together = postprocess.non_max_suppression(boxes, scores, conf=0.4, max_det=50)
+    assert len(alone.scores) == 50 and torch.equal(alone.scores, together[0].scores)
+    assert torch.equal(together[1].scores, postprocess.non_max_suppression(boxes[1:], scores[1:], conf=0.4,
+                                                                           max_det=50)[0].scores)
+
+
 def test_classes_are_indices_or_names_and_a_wrong_one_is_one_config_error():
     from detector.config import class_indices
     from detector.errors import ConfigError
