@@ -33,6 +33,7 @@ from detector.checkpoint import (
     set_rng_state,
 )
 from detector.config import Config, check_keys, class_indices, load_defaults, make_config
+from detector.data.augment import round_image_size
 from detector.data.cards import DataCard, load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
@@ -96,7 +97,8 @@ class Trainer:
 
     def __init__(self, overrides: dict[str, Any], progress: bool = True):
         self.config, self.card, checkpoint, start = resolve_config(overrides)
-        config = self.config
+        # Rounded once, so every stage (the RAM cache included) works at the size training uses, warned once.
+        self.config = config = replace(self.config, imgsz=round_image_size(self.config.imgsz))
         self.device = distributed.setup(select_device(config.device))
         self.world, self.main = distributed.world_size(), distributed.is_main()
         self.progress = progress and self.main
