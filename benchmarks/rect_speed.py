@@ -3,10 +3,10 @@
     python benchmarks/rect_speed.py --model runs/train/weights/best.pt [--data coco128.yaml] [--sizes 320 640]
                                     [--batch 16] [--repeats 3]
 
-Validation orders the images by aspect ratio and pads each batch only to the multiples of 32 that hold its
-images (DetectionDataset.batch_by_aspect); prediction letterboxes each frame to its own rectangle and runs a
-batch of mixed shapes as one forward per shape (detector/predict.py). The square variants give every input S x S, as
-before. Validation runs the checkpoint's Conv+BN-fused model through predict_loader (reading, letterbox,
+Validation pads each image only to the multiples of 32 that hold it and batches images of one rectangle
+(DetectionDataset.batch_by_shape); prediction letterboxes each frame to its own rectangle and runs a
+batch of mixed shapes as one forward per shape (detector/predict.py). The square variants give every input S x S (in the
+same batches). Validation runs the checkpoint's Conv+BN-fused model through predict_loader (reading, letterbox,
 forward, NMS) as val does, each pass after a garbage collection; prediction runs predict() over the val images
 (files) and over 16:9 crops of them (arrays, as video frames come) at conf 0.25. The variants alternate within
 each repeat and the table gives medians; mAP comes from one pass of each.

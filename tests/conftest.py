@@ -1,6 +1,7 @@
 """Shared fixtures: where the real test datasets live, a tiny CPU budget, and no network beyond this machine."""
 
 import ipaddress
+import logging.handlers
 import os
 import socket
 from pathlib import Path
@@ -43,6 +44,19 @@ def _no_internet(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", local_resolve)
     monkeypatch.setattr(socket.socket, "connect", local_connect)
+
+
+@pytest.fixture
+def detector_log():
+    """A function giving the messages the package logged during the test, one per line (its logger does not
+    propagate once set up, so pytest's caplog misses them)."""
+    logger, handler = logging.getLogger("detector"), logging.handlers.BufferingHandler(100_000)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield lambda: "\n".join(record.getMessage() for record in handler.buffer)
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -187,7 +187,7 @@ def test_collate_in_a_worker_stacks_into_shared_memory(monkeypatch):
     assert images[1].unique().tolist() == [1]
 
 
-def test_val_loader_letterboxes_coco8_in_rectangles_of_like_aspect(datasets_dir):
+def test_val_loader_letterboxes_each_coco8_image_to_its_own_rectangle(datasets_dir):
     root = datasets_dir / "coco8"
     dataset = CocoDataset(root / "images" / "val", root / "annotations" / "instances_val.json")
     batches = list(build_dataloader(dataset, train=False, image_size=320, batch_size=2, workers=0))
@@ -204,8 +204,14 @@ def test_val_loader_letterboxes_coco8_in_rectangles_of_like_aspect(datasets_dir)
             np.testing.assert_allclose(restored, dataset.targets[index].boxes_xyxy, atol=1e-2)
             assert batch.orig_sizes[i].tolist() == list(dataset.orig_size(index))
             assert batch.scales[i].item() == pytest.approx(320 / max(dataset.orig_size(index)), rel=1e-3)
-    square = next(iter(build_dataloader(dataset, train=False, image_size=320, batch_size=4, workers=0)))
-    assert square.images.shape == (4, 3, 320, 320)  # a batch of both kinds needs the whole square
+    inputs = {i: image for b in batches for i, image in zip(b.image_ids.tolist(), b.images, strict=True)}
+    for batch_size in (1, 3, 4):  # each image's input is its own rectangle, whatever its batch
+        loader = build_dataloader(dataset, train=False, image_size=320, batch_size=batch_size, workers=0)
+        sizes = [len(b.image_ids) for b in loader]
+        assert sizes == sorted(sizes, reverse=True) and max(sizes) == min(batch_size, 2)  # full batches first
+        for batch in loader:
+            for image_id, image in zip(batch.image_ids.tolist(), batch.images, strict=True):
+                assert torch.equal(image, inputs[image_id])
 
 
 def test_samples_depend_on_seed_epoch_index_only(tmp_path):

@@ -239,12 +239,11 @@ def test_batch_minus_one_runs_autobatch_then_trains_at_its_choice(tiny_setup, tm
     assert "AutoBatch (validation): samples b=1," in log
 
 
-def test_an_image_size_off_the_stride_is_rounded_once_for_every_stage(tmp_path, caplog):
+def test_an_image_size_off_the_stride_is_rounded_once_for_every_stage(tmp_path, detector_log):
     paths = make_tiny_setup(tmp_path, seed=3, num_train=4, num_val=2, image_size=64)
-    with caplog.at_level(logging.WARNING, logger="detector"):
-        trainer = Trainer({**paths, "imgsz": 70, "batch": 4, "epochs": 1, "workers": 0, "project": str(tmp_path)},
-                          progress=False)
+    trainer = Trainer({**paths, "imgsz": 70, "batch": 4, "epochs": 1, "workers": 0, "project": str(tmp_path)},
+                      progress=False)
     assert trainer.config.imgsz == trainer.plan.image_size == 96
-    assert caplog.text.count("imgsz=70 is not a multiple of 32; using 96") == 1
+    assert detector_log().count("imgsz=70 is not a multiple of 32; using 96") == 1
     image, _, _ = trainer.train_data.load(0)
     assert max(image.shape[:2]) == 96  # cached at the size the samples are made at: no second resize
