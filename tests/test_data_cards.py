@@ -66,6 +66,19 @@ def test_user_card_settings_and_default_json_names(tmp_path, datasets_dir):
     assert len(card.names) == 80 and card.names[0] == "person"  # from the JSON's categories
 
 
+def test_card_names_must_count_the_json_categories_and_the_json_is_parsed_once(tmp_path, datasets_dir, monkeypatch):
+    shutil.copytree(datasets_dir / "coco8", tmp_path / "c8")
+    parsed = []
+    monkeypatch.setattr(cards.json, "load", lambda file, **kw: parsed.append(file.name) or json.loads(file.read()))
+    card = load_data_card(_write_card(tmp_path / "mine.yaml", path="c8", train="images/train", val="images/val"),
+                          tmp_path)
+    assert len(card.names) == 80 and parsed == [str(card.train_json)]  # names from the JSON, read once
+    with pytest.raises(DataError, match=r"^data card two: 'names' has 2 classes but .*instances_train\.json has 80 "
+                                        r"categories; fix 'names' or leave it out$"):
+        load_data_card(_write_card(tmp_path / "two.yaml", path="c8", train="images/train", val="images/val",
+                                   names=["a", "b"]), tmp_path)
+
+
 def test_an_ultralytics_card_without_path_is_its_own_folder(tmp_path, datasets_dir):
     """Ultralytics' own coco8.yaml (path: empty, test: empty) beside a copy of its dataset: that copy is used."""
     shutil.copytree(datasets_dir / "coco8", tmp_path / "elsewhere" / "coco8")

@@ -112,9 +112,11 @@ def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCa
         card = _resolve(card_path.stem, raw, datasets_dir, card_path.parent)  # a .txt split's folder, now it exists
     for split in ("train", "val"):
         split_files(card, split)  # writes a JSON that is missing or stale from YOLO labels
-    names = card.names or _names_from_json(card.train_json)
-    _check_names(card_path.stem, names, card.train_json)
-    return replace(card, names=names)
+    from_json = _names_from_json(card.train_json)  # one parse of what may be a large file
+    if card.names and len(card.names) != len(from_json):
+        raise DataError(f"data card {card_path.stem}: 'names' has {len(card.names)} classes but {card.train_json} "
+                        f"has {len(from_json)} categories; fix 'names' or leave it out")
+    return replace(card, names=card.names or from_json)
 
 
 def split_files(card: DataCard, split: str) -> tuple[Path, Path]:
@@ -299,13 +301,6 @@ def _names_from_json(json_path: Path) -> list[str]:
         return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"cannot read category names from {json_path}: {err}") from err
-
-
-def _check_names(name: str, names: list[str], json_path: Path) -> None:
-    from_json = _names_from_json(json_path)
-    if len(names) != len(from_json):
-        raise DataError(f"data card {name}: 'names' has {len(names)} classes but {json_path} has "
-                        f"{len(from_json)} categories; fix 'names' or leave it out")
 
 
 def _card_from_json(json_path: Path) -> DataCard:
