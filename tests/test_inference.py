@@ -276,7 +276,7 @@ def test_nms_of_an_image_does_not_depend_on_its_batch_mates(monkeypatch):
     monkeypatch.setattr(postprocess, "MAX_CANDIDATES", 100)  # fewer than the crowded image's candidates
     generator = torch.Generator().manual_seed(0)
     boxes, scores = _random_outputs(generator, 2, 200, 3)
-    scores[1] = scores[1] * 0.5 + 0.5  # image 1 crowded with candidates that all outscore image 0's
+    scores[1] = scores[1] * 0.5 + 0.5  # image 1 crowded: every one of its pairs passes conf, most outscore image 0's
     alone = postprocess.non_max_suppression(boxes[:1], scores[:1], conf=0.4, max_det=50)[0]
     together = postprocess.non_max_suppression(boxes, scores, conf=0.4, max_det=50)
     assert len(alone.scores) == 50 and torch.equal(alone.scores, together[0].scores)
