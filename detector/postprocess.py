@@ -71,11 +71,12 @@ def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf:
         # all of them, and one call for the batch spent most of its time there (benchmarks/nms_speed.py).
         anchor, cls = passing[index].nonzero(as_tuple=True)
         candidate_scores = scores[index, anchor, cls].float()
-        order = candidate_scores.argsort(descending=True)[:MAX_CANDIDATES]
-        for tried in (order[:FIRST_CANDIDATES], order):
-            keep = batched_nms(boxes_xyxy[index, anchor[tried]].float(), candidate_scores[tried], cls[tried], iou)
-            if len(keep) >= max_det or len(tried) == len(order):
+        order = candidate_scores.argsort(descending=True)[:MAX_CANDIDATES]  # best first
+        anchor, cls, candidate_scores = anchor[order], cls[order], candidate_scores[order]
+        candidate_boxes = boxes_xyxy[index, anchor].float()
+        for count in (FIRST_CANDIDATES, len(order)):
+            keep = batched_nms(candidate_boxes[:count], candidate_scores[:count], cls[:count], iou)[:max_det]
+            if len(keep) == max_det or count >= len(order):
                 break
-        keep = tried[keep[:max_det]]
-        results.append(Detections(boxes_xyxy[index, anchor[keep]].float(), candidate_scores[keep], cls[keep]))
+        results.append(Detections(candidate_boxes[keep], candidate_scores[keep], cls[keep]))
     return results
