@@ -3,7 +3,7 @@
     python benchmarks/autobatch_gpu.py [--scales n s] [--sizes 320 640] [--fractions 0.6 0.9] [--iterations 20]
 
 For each (scale, imgsz, fraction): AutoBatch decides on the CUDA device (the same call training makes,
-detector.plan.auto_batch, with 80 classes and 30 boxes per image), then 20 training iterations run at
+detector.train.plan.auto_batch, with 80 classes and 30 boxes per image), then 20 training iterations run at
 the chosen batch on fresh copies of the model (forward, task-aligned loss, backward, clipping, optimizer,
 EMA, AMP and channels_last as in training). Prints the measured peak reserved memory over those
 iterations divided by fraction * capacity (goal: 0.90-1.03), the time spent deciding (goal: < 15 s) and
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from detector.autobatch_step import make_probe_step
+from detector.autobatch.memory import is_out_of_memory
 from detector.config import make_config
-from detector.loss import DetectionLoss
-from detector.memory import is_out_of_memory
-from detector.model import build_model
-from detector.plan import amp_dtype_for, auto_batch
+from detector.device import amp_dtype_for
+from detector.model.loss import DetectionLoss
+from detector.model.network import build_model
+from detector.train.plan import auto_batch
+from detector.train.probe import make_probe_step
 
 CLASSES, BOXES = 80, 30
 
@@ -45,7 +46,7 @@ def check(scale: str, image_size: int, fraction: float, iterations: int, device:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     step = make_probe_step(model, criterion, image_size=image_size, max_boxes=BOXES, num_classes=CLASSES,
-                           device=device, amp_dtype=amp_dtype_for(config, device), channels_last=True,
+                           device=device, amp_dtype=amp_dtype_for(config.amp, device), channels_last=True,
                            optimizer_name="AdamW", seed=1)
     oom = ""
     try:

@@ -31,9 +31,9 @@ from torchvision.ops import box_iou
 from detector import Model
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
-from detector.metrics import coco_evaluate, load_ground_truth
-from detector.results import coco_detections
-from detector.runs import set_threads
+from detector.device import set_threads
+from detector.evaluate.metrics import coco_evaluate, load_ground_truth
+from detector.inference.results import coco_detections
 
 
 def write_photos(dataset: CocoDataset, count: int, folder: Path, width: int, height: int) -> tuple[list[Path], Path]:
@@ -59,7 +59,7 @@ def write_photos(dataset: CocoDataset, count: int, folder: Path, width: int, hei
 def run(model: Model, photos: list[Path], image_size: int, batch: int, whole: bool, conf: float = 0.25
         ) -> tuple[float, list]:
     """(seconds, results) of one predict() pass; `whole` decodes every file at full size."""
-    with mock.patch("detector.sources.reduction_for", lambda *args: 1) if whole else contextlib.nullcontext():
+    with mock.patch("detector.inference.sources.reduction_for", lambda *args: 1) if whole else contextlib.nullcontext():
         start = time.perf_counter()
         results = model.predict(photos, imgsz=image_size, batch=batch, conf=conf)
         return time.perf_counter() - start, results

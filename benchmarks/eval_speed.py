@@ -4,7 +4,7 @@
                                     [--batch 16] [--repeats 5]
 
 One validation pass (the checkpoint's fused model, conf 0.001, as val runs it) gives the detections; then the
-two evaluators score them, alternated, --repeats times each: ours is detector.metrics.coco_evaluate without the
+two evaluators score them, alternated, --repeats times each: ours is detector.evaluate.metrics.coco_evaluate without the
 confusion matrix (as each epoch's validation runs it); pycocotools' is loadRes, COCOeval evaluate, accumulate and
 summarize, as coco_evaluate ran before (both with the garbage collector paused, as validation runs). Prints the
 medians, the ratio, the pass's own time and both mAP50-95.
@@ -32,9 +32,9 @@ from detector import Model
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
-from detector.engine import predict_loader
-from detector.metrics import coco_evaluate, load_ground_truth
-from detector.runs import paused_gc, set_threads
+from detector.device import set_threads
+from detector.evaluate.metrics import coco_evaluate, load_ground_truth, paused_gc
+from detector.train.engine import predict_loader
 
 
 def pycocotools_map(truth: COCO, detections: list[dict], image_ids: list[int]) -> float:
@@ -87,7 +87,7 @@ def main() -> None:
         for paused in (True, False):
             with contextlib.ExitStack() as stack:
                 if not paused:
-                    for module in ("detector.engine", "detector.metrics"):
+                    for module in ("detector.train.engine", "detector.evaluate.metrics"):
                         stack.enter_context(mock.patch(f"{module}.paused_gc", contextlib.nullcontext))
                 loader = build_dataloader(dataset, train=False, image_size=args.imgsz, batch_size=args.batch,
                                           workers=0)

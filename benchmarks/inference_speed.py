@@ -5,7 +5,7 @@ predict and val run), unfused, and the exported ONNX model on onnxruntime when i
                                          [--device cpu|cuda:0]
 
 Inputs are coco8's val images ($DETECTOR_DATASETS/coco8, else random pictures), letterboxed and repeated to
-fill the batch. batch -1 is AutoBatch's inference choice (detector.predict.inference_batch, 60% of memory;
+fill the batch. batch -1 is AutoBatch's inference choice (detector.inference.predict.inference_batch, 60% of memory;
 on CPU it also weighs images/s). Each repeat times every variant once, one after another, so that a load
 that changes during the run slows all of them alike; the table holds medians of the repeats, after one
 warm-up run of each. Preparing images is not timed (predict does it in a reading thread, beside the model).
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from detector.data.augment import letterbox, round_image_size
-from detector.export import OnnxForward, export_onnx
-from detector.model import build_model
-from detector.postprocess import non_max_suppression
-from detector.predict import TorchForward, inference_batch
-from detector.sources import open_source
+from detector.inference.export import OnnxForward, export_onnx
+from detector.inference.predict import TorchForward, inference_batch
+from detector.inference.sources import open_source
+from detector.model.network import build_model
+from detector.model.postprocess import non_max_suppression
 
 
 def pictures(image_size: int) -> np.ndarray:

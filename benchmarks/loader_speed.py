@@ -21,7 +21,7 @@ import torch
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader, set_epoch
-from detector.runs import keep_freed_memory
+from detector.device import keep_freed_memory
 
 
 def ms_per_image(dataset: CocoDataset, *, train: bool, image_size: int, passes: int) -> float:

@@ -37,7 +37,7 @@ def paired_rates(run, *, mosaic: bool, first_epoch: int, batches: int = 12) -> t
     import torch
 
     from detector.data.loader import set_epoch
-    from detector.engine import train_step
+    from detector.train.engine import train_step
 
     def now() -> float:
         if run.device.type == "cuda":
@@ -71,7 +71,7 @@ def measure(data: str, image_size: int, variant: str, batches: int) -> dict:
     """One run in this process: the loop and pure rates of `variant`'s settings, and its threads/workers."""
     import torch
 
-    from detector.trainer import Trainer
+    from detector.train.trainer import Trainer
 
     overrides = dict(item.split("=", 1) for item in variant.split())
     with tempfile.TemporaryDirectory() as project:

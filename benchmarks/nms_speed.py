@@ -27,9 +27,8 @@ from detector import Model
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
-from detector.engine import prepare_images
-from detector.postprocess import decode, non_max_suppression
-from detector.runs import set_threads
+from detector.device import prepare_images, set_threads
+from detector.model.postprocess import decode, non_max_suppression
 
 BATCH_CANDIDATES = 30_000  # the one call's cap on (anchor, class) pairs over the whole batch
 

@@ -128,8 +128,8 @@ def child_ours(spec: dict) -> dict:
     import torch
     from loop_speed import paired_rates  # benchmarks/ is this script's folder, first on sys.path
 
-    from detector import engine
-    from detector import trainer as trainer_module
+    from detector.train import engine
+    from detector.train import trainer as trainer_module
 
     batches, epoch_starts = [], []
     train_step, train_one_epoch = engine.train_step, trainer_module.train_one_epoch
@@ -270,7 +270,7 @@ def steady_rate(result: dict) -> float:
 
 def peer_map(result: dict, val_json: str) -> float:
     """COCOeval mAP50-95 of the peer's detections against our validation JSON (same evaluator as ours)."""
-    from detector.metrics import coco_evaluate, load_ground_truth
+    from detector.evaluate.metrics import coco_evaluate, load_ground_truth
 
     ground_truth = load_ground_truth(Path(val_json))
     image_of = {image["file_name"]: image["id"] for image in ground_truth.dataset["images"]}

@@ -18,14 +18,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from detector import engine
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader, set_epoch
-from detector.loss import DetectionLoss
-from detector.model import build_model
-from detector.optim import ModelEMA, Schedule, build_optimizer
-from detector.runs import set_threads
+from detector.device import set_threads
+from detector.model.loss import DetectionLoss
+from detector.model.network import build_model
+from detector.train import engine
+from detector.train.optim import ModelEMA, Schedule, build_optimizer
 
 REGIONS = ("data", "forward", "loss", "backward", "optimizer+ema")
 

@@ -26,10 +26,10 @@ from detector import Model
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
-from detector.engine import predict_loader
-from detector.metrics import coco_evaluate, load_ground_truth
-from detector.predict import TorchForward, predict
-from detector.runs import set_threads
+from detector.device import set_threads
+from detector.evaluate.metrics import coco_evaluate, load_ground_truth
+from detector.inference.predict import TorchForward, predict
+from detector.train.engine import predict_loader
 
 
 def validate(model, dataset: CocoDataset, image_size: int, batch: int, rect: bool) -> tuple[float, list, list, float]:

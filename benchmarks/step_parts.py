@@ -29,11 +29,10 @@ import torch
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
 from detector.data.loader import DetectionDataset, build_dataloader, set_epoch
-from detector.engine import prepare_images
-from detector.loss import DetectionLoss
-from detector.model import build_model
-from detector.optim import ModelEMA, build_optimizer
-from detector.runs import keep_freed_memory
+from detector.device import keep_freed_memory, prepare_images
+from detector.model.loss import DetectionLoss
+from detector.model.network import build_model
+from detector.train.optim import ModelEMA, build_optimizer
 
 PARTS = ("prepare", "forward", "loss", "backward", "optimizer", "ema")
 

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from detector.autobatch_step import make_probe_step
-from detector.loss import DetectionLoss
-from detector.model import build_model
+from detector.model.loss import DetectionLoss
+from detector.model.network import build_model
+from detector.train.probe import make_probe_step
 
 
 def images_per_second(step, batch: int, repeats: int) -> float:

@@ -1,12 +1,13 @@
 """A YOLO-style anchor-free object detector trainer that picks its batch size by measuring."""
 
-import os
+from importlib.metadata import PackageNotFoundError, version
 
-# albumentations asks PyPI for a newer version of itself whenever it is imported (a request, and up to 2 s of
-# waiting, offline); a training job should make neither. A user's own setting of the variable wins.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+try:
+    __version__ = version("detector")
+except PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
 
-__all__ = ["Model"]
+__all__ = ["Model", "__version__"]
 
 
 def __getattr__(name: str):

@@ -11,22 +11,23 @@ from typing import Any
 import torch
 
 from detector.atomic import atomic_write_text, check_file_path, file_in_the_way
-from detector.checkpoint import load_checkpoint
 from detector.config import class_indices, make_config
 from detector.data.augment import round_image_size
 from detector.data.cards import load_data_card, split_files
 from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
-from detector.engine import predict_loader
+from detector.device import select_device, set_threads
 from detector.errors import ConfigError, DataError, DetectorError
-from detector.export import ONNX_OPSET, OnnxForward, export_onnx
-from detector.metrics import coco_evaluate, load_ground_truth
-from detector.model import Detector, build_model, model_info
-from detector.predict import STREAM_MAX_BATCH, TorchForward, inference_batch, predict
-from detector.results import Result
-from detector.runs import select_device, set_threads, setup_logging
-from detector.sources import count_frames
-from detector.trainer import train
+from detector.evaluate.metrics import coco_evaluate, load_ground_truth
+from detector.inference.export import ONNX_OPSET, OnnxForward, export_onnx
+from detector.inference.predict import STREAM_MAX_BATCH, TorchForward, inference_batch, predict
+from detector.inference.results import Result
+from detector.inference.sources import count_frames
+from detector.model.network import Detector, build_model, model_info
+from detector.runs import setup_logging
+from detector.train.checkpoint import load_checkpoint
+from detector.train.engine import predict_loader
+from detector.train.trainer import train
 
 logger = logging.getLogger(__name__)
 

@@ -21,17 +21,17 @@ import numpy as np
 import torch
 
 from detector.atomic import atomic_write_text
-from detector.autobatch import TIMED_RUNS, measure
-from detector.autobatch_records import GIB, Sample, fit_memory
-from detector.autobatch_step import make_probe_step
+from detector.autobatch.choose import TIMED_RUNS, measure
+from detector.autobatch.memory import probe_for
+from detector.autobatch.records import GIB, Sample, fit_memory
 from detector.config import check_keys
+from detector.device import amp_dtype_for
 from detector.errors import ConfigError
-from detector.memory import probe_for
-from detector.noise_scale import GradientNoiseProbe
-from detector.plan import amp_dtype_for
-from detector.plots import plot_curves
+from detector.evaluate.plots import plot_curves
 from detector.runs import make_run_dir
-from detector.trainer import Trainer
+from detector.train.noise_scale import GradientNoiseProbe
+from detector.train.probe import make_probe_step
+from detector.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _step_alone(trainer: Trainer) -> Sample:
     real = next(iter(trainer.loader(True, mosaic=config.mosaic > 0)))
     step = make_probe_step(trainer.model, trainer.criterion, image_size=trainer.plan.image_size,
                            max_boxes=max(trainer.train_data.max_boxes, 1), num_classes=len(trainer.names),
-                           device=device, amp_dtype=amp_dtype_for(config, device),
+                           device=device, amp_dtype=amp_dtype_for(config.amp, device),
                            channels_last=trainer.ctx.channels_last, optimizer_name=trainer.plan.optimizer,
                            ema=config.ema, grad_clip=config.grad_clip,
                            inputs=lambda b: (real.images[:b], real.targets[real.targets[:, 0] < b]))

@@ -18,7 +18,8 @@ USAGE = """usage: detector train [key=value ...]      train (python train.py is 
        detector export model=best.pt [imgsz=640 file=best.onnx]   ONNX, dynamic batch (needs detector[export])
        detector benchmark batches=2,4,8,16,-1 [key=value ...]   what batch size does to speed, memory, mAP
        detector convert images=DIR labels=DIR out=FILE.json names=data.yaml   YOLO txt -> COCO JSON
-       detector help                          every setting with its default"""
+       detector help                          every setting with its default
+       detector --version                     the installed version"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: str, argv: list[str]) -> int:
     _check_once(argv)
+    if command in ("--version", "version"):
+        from detector import __version__
+
+        print(f"detector {__version__}")
+        return 0
     if command in ("help", "-h", "--help"):
         print(USAGE + "\n\n" + describe())
         return 0
     if command == "train":
         from detector.runs import setup_logging
-        from detector.trainer import train
+        from detector.train.trainer import train
 
         setup_logging()
         train(parse_cli(argv))

@@ -12,15 +12,12 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from detector.assets import default_yaml
 from detector.errors import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO_ROOT / "cfg" / "default.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +145,7 @@ _FALSE = {"false", "no", "off", "0", ""}
 
 def load_defaults() -> dict[str, Any]:
     """Read cfg/default.yaml as a plain dict."""
-    with open(DEFAULT_YAML, encoding="utf-8") as file:
+    with open(default_yaml(), encoding="utf-8") as file:
         return yaml.safe_load(file)
 
 
@@ -274,7 +271,7 @@ def describe() -> str:
     """Every setting with its default and its comment, as cfg/default.yaml documents them."""
     lines = []
     pattern = re.compile(r"^(\w+):\s*(.*?)\s*#\s*(.*)$")
-    for line in DEFAULT_YAML.read_text(encoding="utf-8").splitlines():
+    for line in default_yaml().read_text(encoding="utf-8").splitlines():
         match = pattern.match(line)
         if match:
             key, default, comment = match.groups()

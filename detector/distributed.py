@@ -16,7 +16,6 @@ import sys
 from datetime import timedelta
 from typing import Any
 
-import psutil
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,15 +37,6 @@ def world_size() -> int:
 def is_main() -> bool:
     return rank() == 0
 
-
-def cpu_share() -> int:
-    """CPU cores for this process: the machine's logical cores split between the ranks on it."""
-    return max((os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
-
-
-def physical_core_share() -> int:
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    return max(cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
 
 
 def setup(device: torch.device) -> torch.device:

@@ -91,7 +91,7 @@ def content_sensitive_detector(num_classes: int, seed: int = 0):
     """A tiny untrained detector whose scores follow the image: a fresh model's are nearly the same at every
     anchor (small weights, then BatchNorm), which makes NMS break ties by rounding noise. Kaiming weights,
     random BatchNorm statistics and a stronger class layer give every anchor its own score."""
-    from detector.model import Detector
+    from detector.model.network import Detector
 
     torch.manual_seed(seed)
     model = Detector(num_classes=num_classes, **TINY_SCALE)
@@ -112,9 +112,9 @@ def content_sensitive_detector(num_classes: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def coco8_checkpoint(tmp_path_factory, datasets_dir) -> Path:
     """A checkpoint of content_sensitive_detector for coco8's 80 classes (original COCO category ids), imgsz 128."""
-    from detector.checkpoint import save_checkpoint
     from detector.config import make_config
     from detector.data.coco import CocoDataset
+    from detector.train.checkpoint import save_checkpoint
 
     root = datasets_dir / "coco8"
     dataset = CocoDataset(root / "images" / "val", root / "annotations" / "instances_val.json")

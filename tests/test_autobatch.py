@@ -8,8 +8,8 @@ import weakref
 import numpy as np
 import pytest
 
-from detector.autobatch import AutoBatchError, choose_batch, round_batch
-from detector.autobatch_records import Sample, fit_memory
+from detector.autobatch.choose import AutoBatchError, choose_batch, round_batch
+from detector.autobatch.records import Sample, fit_memory
 
 GIB = 2**30
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from detector.autobatch import measure
-from detector.autobatch_records import fit_memory
-from detector.memory import CpuTensorMemory, probe_for
+from detector.autobatch.choose import measure
+from detector.autobatch.memory import CpuTensorMemory, probe_for
+from detector.autobatch.records import fit_memory
 
 MIB = 2**20
 
@@ -67,9 +67,9 @@ def test_probe_for_picks_the_cpu_tracker_and_rejects_unknown_devices():
 
 
 def test_fit_on_small_batches_predicts_the_real_detector_at_an_unseen_batch():
-    from detector.autobatch_step import make_probe_step
-    from detector.loss import DetectionLoss
-    from detector.model import build_model
+    from detector.model.loss import DetectionLoss
+    from detector.model.network import build_model
+    from detector.train.probe import make_probe_step
 
     torch.manual_seed(0)
     model = build_model("n", 80)

@@ -9,8 +9,8 @@ import torch
 from detector.benchmark import COLUMNS, benchmark, parse_batches
 from detector.config import make_config
 from detector.errors import ConfigError
-from detector.plan import make_plan
-from detector.trainer import Trainer
+from detector.train.plan import make_plan
+from detector.train.trainer import Trainer
 from tests.conftest import make_tiny_setup
 
 

@@ -8,9 +8,9 @@ import torch
 
 from detector import Model
 from detector.atomic import atomic_write_text
-from detector.checkpoint import load_checkpoint, save_checkpoint
 from detector.errors import DetectorError
-from detector.trainer import train
+from detector.train.checkpoint import load_checkpoint, save_checkpoint
+from detector.train.trainer import train
 
 
 def test_round_trip_with_weights_only(tmp_path):

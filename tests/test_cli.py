@@ -141,3 +141,14 @@ def test_inference_and_convert_arguments_must_be_known_key_value_pairs(coco8_che
     line = _one_error_line(run_detector("convert", "images=x", "output=y.json"))
     assert line == ("error: unknown convert argument 'output=y.json': expected key=value with key in images, "
                     "labels, names, out")
+
+
+def test_version_from_the_console_script_and_python_m(tmp_path):
+    """`detector --version` and `python -m detector --version` name the installed distribution's version."""
+    from importlib.metadata import version
+
+    expected = f"detector {version('detector')}"
+    assert run_detector("--version").stdout.strip() == expected
+    module = subprocess.run([sys.executable, "-m", "detector", "--version"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert module.stdout.strip() == expected, module.stderr[-300:]

@@ -3,12 +3,13 @@
 import pytest
 import yaml
 
-from detector.config import DEFAULT_YAML, FIELDS, describe, make_config, parse_cli
+from detector.assets import default_yaml
+from detector.config import FIELDS, describe, make_config, parse_cli
 from detector.errors import ConfigError
 
 
 def test_default_yaml_and_dataclass_have_the_same_keys_and_each_key_a_comment():
-    defaults = yaml.safe_load(DEFAULT_YAML.read_text())
+    defaults = yaml.safe_load(default_yaml().read_text())
     assert list(defaults) == list(FIELDS)
     listed = describe()
     for key in FIELDS:
@@ -55,7 +56,7 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(args, words):
 
 
 def test_an_ultralytics_model_name_points_to_the_scale_built_like_it():
-    from detector.model import load_scale
+    from detector.model.network import load_scale
 
     with pytest.raises(ConfigError, match=r"model='yolov8s.yaml'.*\(yolov8s.yaml is an Ultralytics model: model=s is "
                                           r"this package's, built like YOLOv8s\)"):

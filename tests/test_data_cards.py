@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+from detector import assets
 from detector.data import cards
 from detector.data.cards import load_data_card
 from detector.data.coco import CocoDataset
@@ -247,7 +248,7 @@ def test_a_split_without_json_or_labels_says_what_to_put_where(tmp_path, dataset
 
 def test_a_data_card_key_that_is_no_setting_names_the_card(tmp_path, datasets_dir):
     from detector.errors import ConfigError
-    from detector.trainer import resolve_config
+    from detector.train.trainer import resolve_config
 
     card = _write_card(tmp_path / "mine.yaml", path=str(datasets_dir.resolve() / "coco8"), train="images/train", foo=1)
     with pytest.raises(ConfigError, match=f"unknown key in data card {card}: 'foo'"):
@@ -532,12 +533,13 @@ def test_safe_extract_bounds_the_uncompressed_size(tmp_path):
 
 
 def test_cards_dir_holds_the_shipped_cards():
-    assert {p.stem for p in cards.cards_dir().glob("*.yaml")} >= {"coco8", "coco128", "shapes"}
+    assert {p.stem for p in assets.cards_dir().glob("*.yaml")} >= {"coco8", "coco128", "shapes"}
 
 
-def test_importing_the_package_asks_nothing_of_the_network():
+def test_importing_the_package_asks_nothing_of_the_network_and_leaves_the_environment_alone():
     """albumentations asks PyPI for a newer version when imported, unless NO_ALBUMENTATIONS_UPDATE is set: the
-    package sets it, so a training job (offline, on a cluster) makes no request and waits for none."""
+    package sets it for that import alone, so a training job (offline, on a cluster) makes no request and waits
+    for none, and the variable is gone again after the import (cv2 and torch set others of their own)."""
     import os
     import subprocess
     import sys
@@ -546,8 +548,9 @@ def test_importing_the_package_asks_nothing_of_the_network():
             "def refuse(*args, **kwargs):\n"
             "    raise SystemExit(f'asked the network: {args[1:]}')\n"
             "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
+            "import os\n"
             "import detector.data.augment, detector.api\n"
-            "print('no request')\n")
+            "print('environment changed' if 'NO_ALBUMENTATIONS_UPDATE' in os.environ else 'no request')\n")
     env = {key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "no request", result.stderr[-500:]

@@ -71,7 +71,7 @@ def test_class_indices_round_trip_to_coco_category_ids(datasets_dir):
 
 
 def test_single_cls_puts_every_box_in_one_class_for_training_and_scoring(datasets_dir):
-    from detector.metrics import load_ground_truth
+    from detector.evaluate.metrics import load_ground_truth
 
     root = datasets_dir / "coco8"
     json_path = root / "annotations" / "instances_val.json"
@@ -88,7 +88,7 @@ def test_single_cls_puts_every_box_in_one_class_for_training_and_scoring(dataset
 
 
 def test_classes_keeps_only_their_boxes_for_training_and_scoring(datasets_dir):
-    from detector.metrics import load_ground_truth
+    from detector.evaluate.metrics import load_ground_truth
 
     root = datasets_dir / "coco8"
     json_path = root / "annotations" / "instances_val.json"

@@ -11,12 +11,12 @@ import torch
 import torch.multiprocessing as mp
 
 from detector import distributed
-from detector.autobatch import choose_batch
+from detector.autobatch.choose import choose_batch
 from detector.distributed import launch_command, rank_batch
 from detector.errors import ConfigError, DetectorError
-from detector.loss import DetectionLoss
-from detector.model import Detector
-from detector.optim import Schedule, build_optimizer
+from detector.model.loss import DetectionLoss
+from detector.model.network import Detector
+from detector.train.optim import Schedule, build_optimizer
 from tests.conftest import TINY_SCALE, make_tiny_setup
 from tests.test_autobatch import GIB, FakeDevice
 
@@ -45,7 +45,7 @@ def _batch():
 
 
 def _one_step(model, criterion, images, targets) -> None:
-    from detector.engine import StepContext, train_step
+    from detector.train.engine import StepContext, train_step
 
     optimizer = build_optimizer(model.module if hasattr(model, "module") else model, name="SGD", lr=0.05,
                                 momentum=0.9, weight_decay=0.0005)
@@ -68,7 +68,8 @@ def _rank_step(rank: int, world: int, port: int, out: str) -> None:
 
     _join(rank, world, port)
     model = _fresh_model()
-    criterion = DetectionLoss(num_classes=3, strides=model.strides, reg_max=model.reg_max, world_size=world)
+    criterion = DetectionLoss(num_classes=3, strides=model.strides, reg_max=model.reg_max, world_size=world,
+                              all_reduce=torch.distributed.all_reduce)
     images, targets = _batch()
     share = len(images) // world
     mine = targets[(targets[:, 0] >= rank * share) & (targets[:, 0] < (rank + 1) * share)].clone()

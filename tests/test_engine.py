@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from detector.engine import LoopState, StepContext, train_one_epoch, train_step
 from detector.errors import DetectorError
-from detector.optim import ModelEMA, Schedule, build_optimizer
+from detector.train.engine import LoopState, StepContext, train_one_epoch, train_step
+from detector.train.optim import ModelEMA, Schedule, build_optimizer
 
 
 class ToyModel(nn.Module):

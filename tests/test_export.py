@@ -11,9 +11,9 @@ import torch
 from detector import Model
 from detector.data.augment import letterbox
 from detector.errors import ConfigError, DetectorError
-from detector.export import OnnxForward
-from detector.predict import TorchForward, predict
-from detector.sources import open_source
+from detector.inference.export import OnnxForward
+from detector.inference.predict import TorchForward, predict
+from detector.inference.sources import open_source
 from tests.conftest import REPO
 
 onnx = pytest.importorskip("onnx")

@@ -18,8 +18,8 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 import detector.api as api
 from detector import Model
 from detector.errors import DataError
-from detector.model import Detector
-from detector.predict import inference_batch
+from detector.inference.predict import inference_batch
+from detector.model.network import Detector
 from tests.conftest import content_sensitive_detector
 
 GIB = 2**30
@@ -140,7 +140,7 @@ def white_box_forward(seen_shapes: list):
 
 
 def test_predict_letterboxes_each_frame_to_its_rectangle_and_maps_boxes_back_in_order():
-    from detector.predict import predict
+    from detector.inference.predict import predict
 
     def frame(height, width, box):
         image = np.full((height, width, 3), 40, np.uint8)
@@ -169,7 +169,7 @@ def test_frames_wait_for_a_full_batch_of_their_shape_and_results_still_come_in_o
     (frames held back up to HELD_BATCHES batches); with it, each arrived group runs at once, a forward per shape.
     A frame that cannot be read still leaves the results of the frames before it."""
     from detector.errors import DataError
-    from detector.predict import HELD_BATCHES, predict
+    from detector.inference.predict import HELD_BATCHES, predict
 
     def frame(height, width):
         image = np.full((height, width, 3), 40, np.uint8)
@@ -235,7 +235,7 @@ def test_save_txt_writes_yolo_labels_that_convert_back_to_the_same_boxes(coco8_c
 
 
 def test_nms_classes_keeps_only_those_and_frees_their_places():
-    from detector.postprocess import non_max_suppression
+    from detector.model.postprocess import non_max_suppression
 
     boxes = torch.tensor([[[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]], dtype=torch.float32)
     scores = torch.tensor([[[0.9, 0.3], [0.8, 0.4], [0.1, 0.5]]])
@@ -256,7 +256,7 @@ def _random_outputs(generator: torch.Generator, batch: int, anchors: int, classe
 def test_nms_from_the_best_candidates_first_equals_nms_over_all_of_them(monkeypatch, first):
     from torchvision.ops import batched_nms
 
-    from detector import postprocess
+    from detector.model import postprocess
 
     monkeypatch.setattr(postprocess, "FIRST_CANDIDATES", first)
     generator = torch.Generator().manual_seed(first)
@@ -271,7 +271,7 @@ def test_nms_from_the_best_candidates_first_equals_nms_over_all_of_them(monkeypa
 
 
 def test_nms_of_an_image_does_not_depend_on_its_batch_mates(monkeypatch):
-    from detector import postprocess
+    from detector.model import postprocess
 
     monkeypatch.setattr(postprocess, "MAX_CANDIDATES", 100)  # fewer than the crowded image's candidates
     generator = torch.Generator().manual_seed(0)
@@ -347,7 +347,7 @@ def test_val_save_json_writes_the_detections_predict_makes_in_cocos_results_form
     from pycocotools.coco import COCO
 
     from detector.errors import DetectorError
-    from detector.results import coco_detections
+    from detector.inference.results import coco_detections
 
     truth = datasets_dir / "coco8" / "annotations" / "instances_val.json"
     model = Model(coco8_checkpoint)
@@ -395,7 +395,7 @@ def test_a_large_photo_is_decoded_smaller_and_its_boxes_come_back_in_its_own_pix
 def test_validation_runs_with_the_garbage_collector_paused_and_restores_it(coco8_checkpoint, datasets_dir):
     import gc
 
-    from detector.runs import paused_gc
+    from detector.evaluate.metrics import paused_gc
 
     seen = []
     model = Model(coco8_checkpoint)
@@ -445,9 +445,9 @@ def test_a_video_gives_one_result_per_frame_and_drawn_frames(coco8_checkpoint, c
 def test_the_validation_pictures_show_the_ground_truth_and_the_detections_above_conf(datasets_dir, tmp_path):
     from detector.data.coco import CocoDataset
     from detector.data.loader import build_dataloader
-    from detector.engine import plot_validation
-    from detector.metrics import DetectionMetrics
-    from detector.plots import plot_batch
+    from detector.evaluate.metrics import DetectionMetrics
+    from detector.evaluate.plots import plot_batch
+    from detector.train.engine import plot_validation
 
     root = datasets_dir / "coco8"
     dataset = CocoDataset(root / "images" / "val", root / "annotations" / "instances_val.json")

@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
-from detector.checkpoint import load_checkpoint
 from detector.errors import DetectorError
-from detector.interrupt import StopRequest
-from detector.loss import DetectionLoss
+from detector.model.loss import DetectionLoss
 from detector.runs import make_run_dir
-from detector.trainer import Trainer, train
+from detector.train.checkpoint import load_checkpoint
+from detector.train.interrupt import StopRequest
+from detector.train.trainer import Trainer, train
 from tests.conftest import REPO, make_tiny_setup
 
 # 12 images in batches of 4 with nbs 8: 3 batches per epoch, an optimizer step every 2 batches, so
@@ -35,7 +35,7 @@ CHILD = r"""
 import io, os, sys, time
 from pathlib import Path
 import torch
-import detector.engine as engine
+import detector.train.engine as engine
 from detector.cli import main
 
 marker, where, at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from detector.assigner import TaskAlignedAssigner
-from detector.boxes import distance_to_xyxy, make_anchors, xyxy_to_distance
-from detector.loss import DetectionLoss, distribution_focal_loss, pad_targets
+from detector.model.assigner import TaskAlignedAssigner
+from detector.model.boxes import distance_to_xyxy, make_anchors, xyxy_to_distance
+from detector.model.loss import DetectionLoss, distribution_focal_loss, pad_targets
 
 STRIDES = (8, 16, 32)
 REG_MAX = 16
@@ -158,7 +158,7 @@ def test_loss_is_batch_mean_times_batch_size():
 
 def test_channels_last_model_and_inputs_give_the_loss_and_gradients_of_contiguous_ones():
     """Training runs NHWC (model and inputs) by default; flatten_outputs reads NHWC head outputs as views."""
-    from detector.model import Detector
+    from detector.model.network import Detector
 
     torch.manual_seed(0)
     model = Detector(num_classes=3, depth=0.33, width=0.125, max_channels=256).train()

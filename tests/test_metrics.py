@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from detector.metrics import coco_evaluate, confusion_matrix, load_ground_truth
+from detector.evaluate.metrics import coco_evaluate, confusion_matrix, load_ground_truth
 
 
 @pytest.fixture()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from detector.noise_scale import NoiseScale
+from detector.train.noise_scale import NoiseScale
 
 
 @pytest.mark.parametrize(("sigma", "distance"), [(1.0, 1.0), (0.7, 1.0), (0.5, 2.0)])  # B_simple about 59, 29, 4
@@ -42,7 +42,7 @@ def test_probe_pairs_the_first_batch_of_a_window_with_the_whole_window():
 
     import torch
 
-    from detector.noise_scale import GradientNoiseProbe
+    from detector.train.noise_scale import GradientNoiseProbe
 
     rng = np.random.default_rng(1)
     dims, sigma, batch, accumulate = 50, 0.7, 4, 8

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from detector.optim import ModelEMA, Schedule, build_optimizer
+from detector.train.optim import ModelEMA, Schedule, build_optimizer
 
 
 def tiny_model():

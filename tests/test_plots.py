@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector import plots
+from detector.evaluate import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["circle", "rectangle", "triangle", "star"]
@@ -30,7 +30,7 @@ def _no_temp_files(folder: Path) -> bool:
 def test_no_global_matplotlib_state(tmp_path):
     # A fresh interpreter: importing does not load matplotlib, plotting never loads pyplot.
     code = (
-        "import sys; from pathlib import Path; import detector.plots as p\n"
+        "import sys; from pathlib import Path; import detector.evaluate.plots as p\n"
         "assert 'matplotlib' not in sys.modules\n"
         f"p.plot_curves({{'a': ([1, 2], [1, 2])}}, 'x', 'y', Path({str(tmp_path / 'a.png')!r}))\n"
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"

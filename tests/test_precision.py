@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from detector.boxes import expected_distance
 from detector.config import make_config
-from detector.engine import train_step
-from detector.plan import amp_dtype_for, make_plan
-from detector.trainer import Trainer
+from detector.device import amp_dtype_for
+from detector.model.boxes import expected_distance
+from detector.train.engine import train_step
+from detector.train.plan import make_plan
+from detector.train.trainer import Trainer
 from tests.conftest import make_tiny_setup
 
 CPU = torch.device("cpu")
@@ -23,13 +24,13 @@ CPU = torch.device("cpu")
 def test_cpu_autocasts_to_bf16_only_where_the_cpu_computes_in_it(monkeypatch, capabilities, amp, expected):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
     config = make_config({"amp": amp})
-    assert amp_dtype_for(config, CPU) == expected
+    assert amp_dtype_for(config.amp, CPU) == expected
     assert make_plan(config, CPU, 2, train_size=64, batch=4).amp_dtype == ("bfloat16" if expected else "none")
 
 
 def test_a_torch_that_cannot_tell_the_cpu_trains_in_float32(monkeypatch):
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
-    assert amp_dtype_for(make_config({}), CPU) is None
+    assert amp_dtype_for(make_config({}).amp, CPU) is None
 
 
 def test_a_bf16_training_step_keeps_float32_weights_and_gradients(monkeypatch, tmp_path):

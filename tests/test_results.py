@@ -8,9 +8,9 @@ import pytest
 
 from detector.data.coco import CocoDataset
 from detector.errors import DataError
-from detector.metrics import coco_evaluate, load_ground_truth
-from detector.plots import PALETTE
-from detector.results import Result, coco_detections
+from detector.evaluate.metrics import coco_evaluate, load_ground_truth
+from detector.evaluate.plots import PALETTE
+from detector.inference.results import Result, coco_detections
 
 
 def ground_truth_results(dataset: CocoDataset) -> list[Result]:

@@ -11,7 +11,7 @@ import pytest
 
 HELD_AFTER_FREE = """
 import ctypes, sys, torch
-from detector.runs import keep_freed_memory
+from detector.device import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -47,7 +47,7 @@ def test_freed_activations_stay_with_malloc_for_the_next_step():
 WORKER_AFTER_FREE = """
 import ctypes, sys, psutil, torch
 from torch.utils.data import DataLoader
-from detector.runs import keep_freed_memory
+from detector.device import keep_freed_memory
 
 if sys.argv[1] == "release":
     keep_freed_memory()
@@ -80,8 +80,8 @@ def test_a_worker_forked_late_holds_no_copy_of_the_memory_malloc_kept():
 def test_device_spellings_resolve_to_one_gpu_or_fail_in_one_line(monkeypatch):
     import torch
 
+    from detector.device import select_device
     from detector.errors import ConfigError
-    from detector.runs import select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detector.errors import DataError
-from detector.sources import count_frames, iter_batches, open_source
+from detector.inference.sources import count_frames, iter_batches, open_source
 
 
 def slow_stream(count, pause_after, pause_s):

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torchvision.ops import box_iou
 
 from detector import Model
-from detector.checkpoint import load_checkpoint
 from detector.data.coco import CocoDataset
 from detector.errors import ConfigError
-from detector.trainer import Trainer, train
+from detector.train.checkpoint import load_checkpoint
+from detector.train.trainer import Trainer, train
 from tests.conftest import REPO, make_tiny_setup
 
 
@@ -85,11 +86,11 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_pat
     with pytest.raises(ConfigError, match="best.pt holds no training state"):
         train({"resume": str(last.with_name("best.pt"))}, progress=False)
     warnings = logging.handlers.BufferingHandler(10)
-    logging.getLogger("detector.resume").addHandler(warnings)
+    logging.getLogger("detector.train.resume").addHandler(warnings)
     try:
         Model(str(last)).train(resume=True, epochs=4, imgsz=160, batch=8.0)
     finally:
-        logging.getLogger("detector.resume").removeHandler(warnings)
+        logging.getLogger("detector.train.resume").removeHandler(warnings)
     assert [r.getMessage() for r in warnings.buffer] == [
         "resume continues the run as it was configured; ignored imgsz=160 (only device, workers, threads, epochs, "
         "save_period can change)"]  # not batch=8.0: the value it had, spelled differently
@@ -130,7 +131,7 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     assert {name: sum(row.values()) for name, row in saved["confusion_matrix"].items() if name in per_class} == {
         name: row["instances"] for name, row in per_class.items()}
     log = (tmp_path / "api" / "train.log").read_text()
-    assert all(f"INFO detector.trainer: {name} " in log for name in per_class)
+    assert all(f"INFO detector.train.trainer: {name} " in log for name in per_class)
 
 
 def test_single_cls_trains_one_class_and_val_scores_it_the_same_way(tiny_setup, tmp_path):
@@ -219,8 +220,26 @@ def test_predict_folders_and_globs_in_input_order_in_original_pixels(tiny_setup,
     # The batch size of inference does not change what is found.
     one_by_one = model.predict(str(folder / "*.jpg"), conf=0.0, max_det=50, batch=1)
     for a, b in zip(results, one_by_one, strict=True):
-        np.testing.assert_allclose(a.boxes_xyxy, b.boxes_xyxy, atol=1e-2)
-        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        assert_same_detections(a, b)
+
+
+def assert_same_detections(a, b, tie: float = 0.01, iou: float = 0.7) -> None:
+    """Every detection scored clearly above the max_det cut is in both results: same class, same score, and the
+    same box or one NMS could have kept in its place.
+
+    A batched convolution sums in another order than a single image's (oneDNN picks kernels by shape and CPU), so
+    scores move in the last digits. Two candidates of one class that overlap by more than NMS's `iou` and tie within
+    that can trade places (the one kept suppresses the other); candidates within `tie` (relative) of the lowest kept
+    score can trade places at the max_det cut. Nothing else may differ.
+    """
+    cut = min(a.scores.min(), b.scores.min()) * (1 + tie)
+    for x, y in ((a, b), (b, a)):
+        clear = x.scores > cut
+        assert clear.sum() >= len(x.scores) // 2  # most detections are tested, not excused as ties
+        same_box = box_iou(torch.as_tensor(x.boxes_xyxy[clear]), torch.as_tensor(y.boxes_xyxy)).numpy() > iou
+        same_class = x.classes[clear, None] == y.classes[None]
+        same_score = np.isclose(x.scores[clear, None], y.scores[None], rtol=1e-3, atol=1e-6)
+        assert (same_box & same_class & same_score).any(axis=1).all()
 
 
 def test_batch_minus_one_runs_autobatch_then_trains_at_its_choice(tiny_setup, tmp_path):

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from detector.assets import cards_dir
 from detector.data.derived import default_json, read_list, write_split_json
 from detector.errors import DataError
 
@@ -34,11 +35,6 @@ CARD_KEYS = {"path", "train", "val", "test", "train_json", "val_json", "test_jso
 SPLITS = ("train", "val", "test")
 CONVERTERS = ("yolo",)  # the labels a missing JSON is written from; YOLO labels are found without the key too
 GENERATORS = ("shapes",)
-
-
-def cards_dir() -> Path:
-    """The data/ folder of the repository, holding the shipped cards."""
-    return Path(__file__).resolve().parents[2] / "data"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from detector.data.augment import TrainTransform, letterbox, rect_shape
 from detector.data.coco import CocoDataset, Target
-from detector.distributed import cpu_share
+from detector.device import cpu_share
 
 logger = logging.getLogger(__name__)
 

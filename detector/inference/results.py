@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from detector.errors import DataError
-from detector.plots import draw_detections
+from detector.evaluate.plots import draw_detections
 
 
 @dataclass

@@ -20,10 +20,9 @@ import torch
 import yaml
 from torch import nn
 
-from detector.config import REPO_ROOT
+from detector.assets import models_dir
 from detector.errors import ConfigError
 
-MODELS_DIR = REPO_ROOT / "cfg" / "models"
 STRIDES = (8, 16, 32)
 SCALE_KEYS = {"scale", "depth", "width", "max_channels", "reg_max"}
 
@@ -237,9 +236,10 @@ def load_scale(spec: str | Path) -> dict[str, Any]:
         ConfigError: unknown scale, unreadable file, or unknown keys.
     """
     text = str(spec)
-    path = MODELS_DIR / f"{text}.yaml" if (MODELS_DIR / f"{text}.yaml").is_file() else Path(text)
+    shipped = models_dir() / f"{text}.yaml"
+    path = shipped if shipped.is_file() else Path(text)
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in MODELS_DIR.glob("*.yaml")))
+        known = ", ".join(sorted(p.stem for p in models_dir().glob("*.yaml")))
         yolo = re.fullmatch(r"yolo(?:v\d+|\d+)([nsmlx])(?:\.yaml)?", Path(text).name)
         hint = f" ({text} is an Ultralytics model: model={yolo.group(1)} is this package's, built like YOLOv8" \
             f"{yolo.group(1)})" if yolo and yolo.group(1) in known.split(", ") else ""

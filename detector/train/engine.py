@@ -13,19 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from detector.autobatch.memory import is_out_of_memory
+from detector.device import autocast, memory_text, prepare_images
 from detector.distributed import unwrap
 from detector.errors import DetectorError
-from detector.memory import is_out_of_memory
-from detector.metrics import CONFUSION_CONF, CONFUSION_IOU, DetectionMetrics
-from detector.optim import ModelEMA, Schedule
-from detector.plots import plot_batch, plot_confusion_matrix, plot_pr_curves
-from detector.postprocess import Detections, decode, non_max_suppression
-from detector.runs import paused_gc
+from detector.evaluate.metrics import CONFUSION_CONF, CONFUSION_IOU, DetectionMetrics, paused_gc
+from detector.evaluate.plots import plot_batch, plot_confusion_matrix, plot_pr_curves
+from detector.model.postprocess import Detections, decode, non_max_suppression
+from detector.train.optim import ModelEMA, Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +64,6 @@ class StepContext:
     state: LoopState = field(default_factory=LoopState)
     noise: Any = None  # a noise_scale.GradientNoiseProbe to measure the gradient noise scale, or None
 
-
-def prepare_images(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, H, W) in [0, 1] on device; the conversion runs after the copy.
-
-    One pass converts the dtype and sets the memory format (channels_last or contiguous) whatever the
-    strides of `images` (a loader's batch is NHWC in memory).
-    """
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return images.to(device, non_blocking=True).to(torch.float32, memory_format=memory_format).div_(255)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor] | None:
@@ -190,11 +174,6 @@ def optimizer_step(ctx: StepContext) -> None:
     ctx.state.last_step = ctx.state.iteration
     ctx.state.optimizer_steps += 1
 
-
-def memory_text(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.memory_reserved(device) / 2**30:.2f}G"
-    return f"{psutil.Process().memory_info().rss / 2**30:.2f}G"
 
 
 def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_size: int,

@@ -7,20 +7,24 @@
 Each term is summed over anchors, weighted by the soft target scores, and divided by the sum of those
 scores, so it is a per-image-batch mean that does not depend on how many objects the batch holds.
 
-Under DDP (world_size > 1) the sum of the scores is taken over every rank's batch, and the loss is
+Under DDP (world_size > 1) the sum of the scores is taken over every rank's batch (by the `all_reduce`
+the training layer hands in: this module runs no collective of its own), and the loss is
 scaled so that DistributedDataParallel's average of the ranks' gradients equals the gradient one
 process would compute on the union of their batches.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import complete_box_iou_loss
 
-from detector.assigner import TaskAlignedAssigner
-from detector.boxes import distance_to_xyxy, expected_distance, flatten_outputs, make_anchors, xyxy_to_distance
+from detector.model.assigner import TaskAlignedAssigner
+from detector.model.boxes import distance_to_xyxy, expected_distance, flatten_outputs, make_anchors, xyxy_to_distance
 
 
 def pad_targets(targets: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,12 +82,16 @@ class DetectionLoss(nn.Module):
         reg_max: bins per side distance.
         box_gain, cls_gain, dfl_gain: weights of the three terms.
         world_size: ranks of a DDP run whose batches form one global batch (1: a single process).
+        all_reduce: sums a tensor over the ranks in place (with world_size > 1).
     """
 
     def __init__(self, *, num_classes: int, strides: tuple[int, ...], reg_max: int, box_gain: float = 7.5,
-                 cls_gain: float = 0.5, dfl_gain: float = 1.5, world_size: int = 1):
+                 cls_gain: float = 0.5, dfl_gain: float = 1.5, world_size: int = 1,
+                 all_reduce: Callable[[torch.Tensor], object] | None = None):
         super().__init__()
-        self.world_size = world_size
+        if world_size > 1 and all_reduce is None:
+            raise ValueError("DetectionLoss with world_size > 1 needs the all_reduce that sums over the ranks")
+        self.world_size, self.all_reduce = world_size, all_reduce
         self.num_classes, self.strides, self.reg_max = num_classes, tuple(strides), reg_max
         self.gains = {"loss_box": box_gain, "loss_cls": cls_gain, "loss_dfl": dfl_gain}
         self.assigner = TaskAlignedAssigner()
@@ -115,8 +123,8 @@ class DetectionLoss(nn.Module):
         assigned = self.assigner(class_logits.detach().sigmoid(), boxes.detach(), points, gt_classes, gt_boxes,
                                  gt_valid)
         score_sum = assigned.scores.sum()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(score_sum)  # the normalizer of the global batch
+        if self.all_reduce is not None:
+            self.all_reduce(score_sum)  # the normalizer of the global batch
         score_sum = score_sum.clamp(min=1.0)
         terms = {"loss_cls": F.binary_cross_entropy_with_logits(class_logits, assigned.scores,
                                                                 reduction="sum") / score_sum}
@@ -136,3 +144,10 @@ class DetectionLoss(nn.Module):
         items = {name: (terms[name] * gain * self.world_size).detach() for name, gain in self.gains.items()}
         loss = sum(terms[name] * gain for name, gain in self.gains.items()) * batch_size * self.world_size**2
         return loss, items
+
+    def rank_local(self) -> DetectionLoss:
+        """This loss for one rank on its own (no collective): what AutoBatch's probe steps run, since ranks may
+        take different numbers of them."""
+        local = copy.copy(self)
+        local.world_size, local.all_reduce = 1, None
+        return local

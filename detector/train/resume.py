@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from detector.checkpoint import load_checkpoint
 from detector.config import convert, load_defaults, make_config
 from detector.errors import ConfigError
+from detector.train.checkpoint import load_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ AutoBatch sizes the batch for inference from forward-only steps (inference_batch
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -18,14 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.autobatch import Decision, choose_batch
-from detector.autobatch_step import make_inference_step
+from detector.autobatch.choose import Decision, choose_batch
+from detector.autobatch.memory import MemoryProbe, probe_for
 from detector.data.augment import letterbox, rect_shape
-from detector.engine import autocast, prepare_images
-from detector.memory import MemoryProbe, probe_for
-from detector.postprocess import Detections, decode, non_max_suppression
-from detector.results import Result
-from detector.sources import Frame, iter_batches, open_source
+from detector.device import autocast, prepare_images
+from detector.inference.results import Result
+from detector.inference.sources import Frame, iter_batches, open_source
+from detector.model.postprocess import Detections, decode, non_max_suppression
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,36 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
         next_index += 1
     if error is not None:
         raise error
+
+
+def make_inference_step(model: nn.Module, *, image_size: int, device: torch.device | str,
+                        amp_dtype: torch.dtype | None = None, channels_last: bool = False, iou: float = 0.7,
+                        max_det: int = 300, seed: int = 0, conf: float = 0.0) -> Callable[[int], None]:
+    """A function that runs one validation step at batch b on a copy of the model: forward without
+    gradients, decoding and NMS.
+
+    NMS runs at `conf`, by default 0, its worst case: every (anchor, class) pair is a candidate, up to
+    the cap. (Timing inference on CPU, pass the run's conf: at conf 0 the time is NMS sorting candidates
+    that no real image at conf 0.25 gives.)
+    """
+    device = torch.device(device)
+    net = copy.deepcopy(model).to(device).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def step(batch: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+        with autocast(device, amp_dtype):
+            outputs = net(prepare_images(images, device, channels_last))
+        boxes, scores = decode(outputs, net.strides, net.reg_max)
+        non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
 
 
 def inference_batch(model: nn.Module, *, image_size: int, device: torch.device, fraction: float, max_batch: int,

@@ -22,7 +22,7 @@ from torch import nn
 
 from detector.atomic import atomic_write_bytes, check_file_path
 from detector.errors import DetectorError
-from detector.postprocess import decode
+from detector.model.postprocess import decode
 
 ONNX_OPSET = 20  # the newest opset torch's TorchScript exporter writes (the dynamo one needs onnxscript)
 INPUT, OUTPUTS = "images", ("boxes_xyxy", "scores")

@@ -129,7 +129,7 @@ class GradientNoiseProbe:
             self._first = None
 
     def _measure_half(self, ctx, images: torch.Tensor, targets: torch.Tensor, scale: float) -> None:
-        from detector.engine import autocast, prepare_images
+        from detector.device import autocast, prepare_images
 
         batch = len(images)
         big_sq = squared_gradient_norm(ctx.model) / (batch * scale) ** 2

@@ -24,7 +24,18 @@ import yaml
 
 from detector import distributed
 from detector.atomic import atomic_write_text
-from detector.checkpoint import (
+from detector.config import Config, check_keys, class_indices, load_defaults, make_config
+from detector.data.augment import round_image_size
+from detector.data.cards import DataCard, load_data_card
+from detector.data.coco import CocoDataset
+from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
+from detector.device import amp_dtype_for, select_device, set_threads
+from detector.evaluate.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
+from detector.evaluate.plots import plot_batch, plot_labels, plot_results
+from detector.model.loss import DetectionLoss
+from detector.model.network import Detector, build_model
+from detector.runs import make_run_dir, setup_logging
+from detector.train.checkpoint import (
     load_checkpoint,
     pending_gradients,
     restore_gradients,
@@ -32,21 +43,11 @@ from detector.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from detector.config import Config, check_keys, class_indices, load_defaults, make_config
-from detector.data.augment import round_image_size
-from detector.data.cards import DataCard, load_data_card
-from detector.data.coco import CocoDataset
-from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
-from detector.engine import LoopState, StepContext, plot_validation, predict_loader, train_one_epoch
-from detector.interrupt import StopRequest
-from detector.loss import DetectionLoss
-from detector.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
-from detector.model import Detector, build_model
-from detector.optim import ModelEMA, Schedule, build_optimizer
-from detector.plan import Plan, amp_dtype_for, auto_batch, make_plan
-from detector.plots import plot_batch, plot_labels, plot_results
-from detector.resume import resume_checkpoint
-from detector.runs import make_run_dir, select_device, set_threads, setup_logging
+from detector.train.engine import LoopState, StepContext, plot_validation, predict_loader, train_one_epoch
+from detector.train.interrupt import StopRequest
+from detector.train.optim import ModelEMA, Schedule, build_optimizer
+from detector.train.plan import Plan, auto_batch, make_plan
+from detector.train.resume import resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ class Trainer:
         self.model = build_detector(config, len(self.names), checkpoint, start).to(self.device)
         self.criterion = DetectionLoss(num_classes=len(self.names), strides=self.model.strides,
                                        reg_max=self.model.reg_max, box_gain=config.box,
-                                       cls_gain=config.cls, dfl_gain=config.dfl, world_size=self.world)
+                                       cls_gain=config.cls, dfl_gain=config.dfl, world_size=self.world,
+                                       all_reduce=torch.distributed.all_reduce if self.world > 1 else None)
 
         self.run_dir = Path(config.resume).parents[1] if checkpoint is not None else distributed.on_main(
             make_run_dir, config.project, config.name, config.exist_ok)
@@ -172,7 +174,7 @@ class Trainer:
                             warmup_iters=plan.warmup_iters, warmup_bias_lr=config.warmup_bias_lr,
                             warmup_momentum=config.warmup_momentum, momentum=config.momentum,
                             accumulate=plan.accumulate, cosine=config.cos_lr)
-        amp_dtype = amp_dtype_for(config, self.device)
+        amp_dtype = amp_dtype_for(config.amp, self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
         return StepContext(model=ranked_model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
                            scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,

@@ -17,9 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from detector.engine import StepContext, autocast, prepare_images, train_step
-from detector.optim import ModelEMA, Schedule, build_optimizer
-from detector.postprocess import decode, non_max_suppression
+from detector.train.engine import StepContext, train_step
+from detector.train.optim import ModelEMA, Schedule, build_optimizer
 
 
 def worst_case_targets(batch: int, *, image_size: int, max_boxes: int, num_classes: int,
@@ -81,8 +80,8 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
     schedule = Schedule(lr0=1e-6, lrf=1.0, epochs=1, iters_per_epoch=1, warmup_iters=0, warmup_bias_lr=0.0,
                         warmup_momentum=0.9, momentum=0.9, accumulate=1)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ctx = StepContext(model=net, criterion=criterion, optimizer=optimizer, schedule=schedule, scaler=scaler,
-                      ema=ModelEMA(net) if ema else None, device=device, amp_dtype=amp_dtype,
+    ctx = StepContext(model=net, criterion=criterion.rank_local(), optimizer=optimizer, schedule=schedule,
+                      scaler=scaler, ema=ModelEMA(net) if ema else None, device=device, amp_dtype=amp_dtype,
                       channels_last=channels_last, grad_clip=grad_clip)
 
     def step(batch: int) -> None:
@@ -103,30 +102,3 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
     return step
 
 
-def make_inference_step(model: nn.Module, *, image_size: int, device: torch.device | str,
-                        amp_dtype: torch.dtype | None = None, channels_last: bool = False, iou: float = 0.7,
-                        max_det: int = 300, seed: int = 0, conf: float = 0.0) -> Callable[[int], None]:
-    """A function that runs one validation step at batch b on a copy of the model: forward without
-    gradients, decoding and NMS.
-
-    NMS runs at `conf`, by default 0, its worst case: every (anchor, class) pair is a candidate, up to
-    the cap. (Timing inference on CPU, pass the run's conf: at conf 0 the time is NMS sorting candidates
-    that no real image at conf 0.25 gives.)
-    """
-    device = torch.device(device)
-    net = copy.deepcopy(model).to(device).eval()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-
-    @torch.no_grad()
-    def step(batch: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        images = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
-        with autocast(device, amp_dtype):
-            outputs = net(prepare_images(images, device, channels_last))
-        boxes, scores = decode(outputs, net.strides, net.reg_max)
-        non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return step

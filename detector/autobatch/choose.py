@@ -19,9 +19,9 @@ import time
 import traceback
 from collections.abc import Callable
 
-from detector.autobatch_records import VERIFY_TOLERANCE, Decision, Fit, Sample, fit_memory, gib
+from detector.autobatch.memory import MemoryProbe
+from detector.autobatch.records import VERIFY_TOLERANCE, Decision, Fit, Sample, fit_memory, gib
 from detector.errors import DetectorError
-from detector.memory import MemoryProbe
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import batched_nms
 
-from detector.boxes import distance_to_xyxy, expected_distance, flatten_outputs, make_anchors
+from detector.model.boxes import distance_to_xyxy, expected_distance, flatten_outputs, make_anchors
 
 MAX_CANDIDATES = 30_000  # (anchor, class) pairs of an image NMS looks at, highest scores first
 # Tried first: greedy NMS keeps a box or not for the boxes scored above it only, so the survivors of an

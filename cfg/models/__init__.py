@@ -1,0 +1,1 @@
+"""Model scale YAMLs, shipped as detector.cfg.models."""

@@ -1,0 +1,1 @@
+"""Dataset cards a user names with data=, shipped inside the package as detector.datacards."""

@@ -1,0 +1,1 @@
+"""COCO mAP of detections and the plots of a run."""

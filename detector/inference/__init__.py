@@ -1,0 +1,1 @@
+"""Prediction on images, folders, videos and streams; results; ONNX export."""

@@ -1,0 +1,1 @@
+"""The detector network, its loss (task-aligned assignment, CIoU, DFL) and decoding (boxes, NMS)."""
