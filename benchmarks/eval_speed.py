@@ -34,7 +34,7 @@ from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
 from detector.device import set_threads
 from detector.evaluate.metrics import coco_evaluate, load_ground_truth, paused_gc
-from detector.train.engine import predict_loader
+from detector.evaluate.validate import predict_loader
 
 
 def pycocotools_map(truth: COCO, detections: list[dict], image_ids: list[int]) -> float:

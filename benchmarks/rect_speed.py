@@ -28,8 +28,8 @@ from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
 from detector.device import set_threads
 from detector.evaluate.metrics import coco_evaluate, load_ground_truth
+from detector.evaluate.validate import predict_loader
 from detector.inference.predict import TorchForward, predict
-from detector.train.engine import predict_loader
 
 
 def validate(model, dataset: CocoDataset, image_size: int, batch: int, rect: bool) -> tuple[float, list, list, float]:

@@ -2,7 +2,7 @@
 
     python benchmarks/train_step_speed.py [--scale n] [--sizes 320 640] [--batches 1 2 4 8 16] [--repeats 5]
 
-The step is the one training runs (engine.train_step via autobatch_step.make_probe_step): the real model,
+The step is the one training runs (train/engine.whole_step via train/probe.make_probe_step): the real model,
 task-aligned loss on `--boxes` boxes per image, SGD and EMA. No data loading: this is the ceiling a
 training loop can reach. Prints the median of `--repeats` timed steps after two warm-up steps.
 """

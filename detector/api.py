@@ -18,15 +18,15 @@ from detector.data.coco import CocoDataset
 from detector.data.loader import build_dataloader
 from detector.device import select_device, set_threads
 from detector.errors import ConfigError, DataError, DetectorError
-from detector.evaluate.metrics import coco_evaluate, load_ground_truth
+from detector.evaluate.metrics import load_ground_truth
+from detector.evaluate.validate import evaluate
 from detector.inference.export import ONNX_OPSET, OnnxForward, export_onnx
-from detector.inference.predict import STREAM_MAX_BATCH, TorchForward, inference_batch, predict
+from detector.inference.predict import STREAM_MAX_BATCH, Forward, TorchForward, inference_batch, predict
 from detector.inference.results import Result
 from detector.inference.sources import count_frames
 from detector.model.network import Detector, build_model, model_info
 from detector.runs import setup_logging
 from detector.train.checkpoint import load_checkpoint
-from detector.train.engine import predict_loader
 from detector.train.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Model:
 
         Afterwards this Model holds best.pt's weights.
         """
+        setup_logging()
         overrides.setdefault("model", self.spec)
         metrics = train(overrides)
         self._load(str(Path(metrics["run_dir"]) / "weights" / "best.pt"))
@@ -105,19 +106,16 @@ class Model:
         batch = self._batch(config.batch, config.auto_batch_fraction, image_size, device, len(dataset), config.conf)
         loader = build_dataloader(dataset, train=False, image_size=image_size, batch_size=batch,
                                   workers=config.workers, seed=config.seed, device=device)
-        detections, image_ids = predict_loader(model, loader, device=device, category_ids=dataset.category_ids,
-                                               conf=config.conf, iou=config.iou, max_det=config.max_det,
-                                               classes=dataset.classes)
-        if save_json is not None:
-            atomic_write_text(Path(save_json), json.dumps(detections))
-            logger.info("wrote %d detections of %d images to %s", len(detections), len(image_ids), save_json)
-        names = dict(zip(dataset.category_ids, dataset.names, strict=True))
         truth = load_ground_truth(dataset.annotation_json, config.single_cls, classes)
-        metrics = coco_evaluate(truth, detections, image_ids, names)
-        for line in metrics.table(per_class=True):
-            logger.info(line)
+        result = evaluate(model, loader, truth, dataset=dataset, device=device, conf=config.conf, iou=config.iou,
+                          max_det=config.max_det)
+        if save_json is not None:
+            atomic_write_text(Path(save_json), json.dumps(result.detections))
+            logger.info("wrote %d detections of %d images to %s", len(result.detections), len(result.image_ids),
+                        save_json)
+        metrics = result.metrics
         logger.info("%s: mAP50-95 %.4f mAP50 %.4f P %.3f R %.3f on %d images (batch %d)", split, metrics.map50_95,
-                    metrics.map50, metrics.precision, metrics.recall, len(image_ids), batch)
+                    metrics.map50, metrics.precision, metrics.recall, len(result.image_ids), batch)
         return {**metrics.as_row(), "fitness": metrics.fitness}
 
     def predict(self, source, *, imgsz: int | None = None, batch: float = 8, max_wait_ms: float | None = None,
@@ -130,7 +128,7 @@ class Model:
         order. The PyTorch model runs with Conv+BN fused.
 
         Args:
-            source: see detector/sources.py (e.g. "img.jpg", "dir/", "*.jpg", "clip.mp4", an (H, W, 3)
+            source: see inference/sources.py (e.g. "img.jpg", "dir/", "*.jpg", "clip.mp4", an (H, W, 3)
                 BGR array, a generator of arrays).
             imgsz: letterbox size (default: the training size; an ONNX model's export size): the longest side of
                 each frame's input, which is the smallest multiples of 32 around the frame (an ONNX model's is
@@ -147,26 +145,12 @@ class Model:
                 normalised; an empty file for an image without any), labels to train on or to check by eye.
             stream: return a generator (results as they are ready) instead of a list.
         """
-        if max_wait_ms is not None and not max_wait_ms >= 0:
-            raise ConfigError(f"invalid value max_wait_ms={max_wait_ms!r}: expected milliseconds >= 0 or None")
-        for key, folder in (("save_dir", save_dir), ("save_txt", save_txt)):
-            blocker = None if folder is None else file_in_the_way(Path(folder))
-            if blocker is not None:
-                raise ConfigError(f"{key}={folder} cannot be a folder: {blocker} is a file; give {key}= a folder")
+        _check_predict_options(max_wait_ms, save_dir, save_txt)
         settings = make_config({"imgsz": imgsz or self._trained_size(), "batch": batch, "conf": conf, "iou": iou,
                                 "max_det": max_det, "device": device})
         device = select_device(settings.device)
         image_size = round_image_size(settings.imgsz)
-        if self.spec.endswith(".onnx"):
-            forward = self._onnx_forward(device)
-            if image_size != forward.image_size:
-                raise ConfigError(f"{self.spec} was exported at imgsz={forward.image_size}; export again for "
-                                  f"imgsz={image_size}")
-            names, category_ids = forward.names, forward.category_ids
-        else:
-            self._require_weights("predict")
-            forward = TorchForward(self._fused_model(device), device)
-            names, category_ids = self.names, list(self.checkpoint["category_ids"])
+        forward, names, category_ids = self._forward(device, image_size)
         frames = count_frames(source) if settings.auto_batch_fraction is not None else None
         batch = self._batch(settings.batch, settings.auto_batch_fraction, image_size, device,
                             STREAM_MAX_BATCH if frames is None else max(frames, 1), settings.conf)
@@ -178,10 +162,22 @@ class Model:
             results = _saving(results, save_dir, save_txt)
         return results if stream else list(results)
 
+    def _forward(self, device: torch.device, image_size: int) -> tuple[Forward, list[str], list[int]]:
+        """What predict runs (the ONNX file on onnxruntime, else the fused PyTorch model), with the class names
+        and COCO category ids."""
+        if self.spec.endswith(".onnx"):
+            forward = self._onnx_forward(device)
+            if image_size != forward.image_size:
+                raise ConfigError(f"{self.spec} was exported at imgsz={forward.image_size}; export again for "
+                                  f"imgsz={image_size}")
+            return forward, forward.names, forward.category_ids
+        self._require_weights("predict")
+        return TorchForward(self._fused_model(device), device), self.names, list(self.checkpoint["category_ids"])
+
     def export(self, format: str = "onnx", *, imgsz: int | None = None, file: str | Path | None = None,
                opset: int = ONNX_OPSET) -> Path:
         """Write the model as ONNX: Conv+BN fused, decoding in the graph, a dynamic batch axis, and the
-        metadata (names, category_ids, imgsz, stride) in the file; see detector/export.py for the graph.
+        metadata (names, category_ids, imgsz, stride) in the file; see inference/export.py for the graph.
 
         Args:
             format: "onnx" (the only one).
@@ -254,6 +250,17 @@ class Model:
         if self.detector is not None:
             self.detector.to(device)
         return self
+
+
+def _check_predict_options(max_wait_ms: float | None, save_dir: str | Path | None, save_txt: str | Path | None
+                           ) -> None:
+    """Fail before any frame is read: a negative wait, or a file where an output folder should be."""
+    if max_wait_ms is not None and not max_wait_ms >= 0:
+        raise ConfigError(f"invalid value max_wait_ms={max_wait_ms!r}: expected milliseconds >= 0 or None")
+    for key, folder in (("save_dir", save_dir), ("save_txt", save_txt)):
+        blocker = None if folder is None else file_in_the_way(Path(folder))
+        if blocker is not None:
+            raise ConfigError(f"{key}={folder} cannot be a folder: {blocker} is a file; give {key}= a folder")
 
 
 def _saving(results: Iterator[Result], save_dir: str | Path | None, save_txt: str | Path | None

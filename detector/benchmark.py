@@ -18,19 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from detector.atomic import atomic_write_text
 from detector.autobatch.choose import TIMED_RUNS, measure
 from detector.autobatch.memory import probe_for
 from detector.autobatch.records import GIB, Sample, fit_memory
 from detector.config import check_keys
-from detector.device import amp_dtype_for
+from detector.device import device_ops
 from detector.errors import ConfigError
 from detector.evaluate.plots import plot_curves
 from detector.runs import make_run_dir
 from detector.train.noise_scale import GradientNoiseProbe
-from detector.train.probe import make_probe_step
 from detector.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -89,20 +87,18 @@ def benchmark(batches: list[float] | str, *, progress: bool = True, **overrides:
 
 def _run_one(batch: float, label: str, folder: Path, overrides: dict, progress: bool) -> tuple[dict, tuple]:
     trainer = Trainer({**overrides, "batch": batch, "project": str(folder), "name": f"batch{label}",
-                       "exist_ok": True, "plots": False}, progress=progress)
-    trainer.ctx.noise = GradientNoiseProbe()
-    if trainer.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(trainer.device)
+                       "exist_ok": True, "plots": False}, progress=progress, noise=GradientNoiseProbe())
+    ops = device_ops(trainer.device)
+    ops.reset_peak()
     metrics = trainer.fit()
     plan, config = trainer.plan, trainer.config
-    peak = torch.cuda.max_memory_reserved(trainer.device) if trainer.device.type == "cuda" else None
+    peak = ops.peak_reserved() if ops.kind == "cuda" else None
     step_sample = _step_alone(trainer)
     rows = trainer.rows
     # The noise probe's extra passes are not training: take their time out of each epoch's.
     probe_seconds = [0.0] * len(rows)
-    iterations_per_epoch = math.ceil(trainer.train_size / plan.batch)
     for iteration, seconds in trainer.ctx.noise.seconds:
-        probe_seconds[min((iteration - 1) // iterations_per_epoch, len(rows) - 1)] += seconds
+        probe_seconds[min((iteration - 1) // plan.batches_per_epoch, len(rows) - 1)] += seconds
     epoch_seconds = [float(r["time"]) - p for r, p in zip(rows, probe_seconds, strict=True)]
     train_seconds = [float(r["train_time"]) - p for r, p in zip(rows, probe_seconds, strict=True)]
     steady = train_seconds[1:] or train_seconds  # the first epoch starts the loader workers, warms kernels
@@ -134,15 +130,10 @@ def _rounded(value: float | None) -> float:
 def _step_alone(trainer: Trainer) -> Sample:
     """Peak memory and time of the training step alone on a real batch of the run's size (after one
     warm-up step), on copies of the model: what the loop would reach if loading cost nothing."""
-    config, device, batch = trainer.config, trainer.device, trainer.plan.batch
-    real = next(iter(trainer.loader(True, mosaic=config.mosaic > 0)))
-    step = make_probe_step(trainer.model, trainer.criterion, image_size=trainer.plan.image_size,
-                           max_boxes=max(trainer.train_data.max_boxes, 1), num_classes=len(trainer.names),
-                           device=device, amp_dtype=amp_dtype_for(config.amp, device),
-                           channels_last=trainer.ctx.channels_last, optimizer_name=trainer.plan.optimizer,
-                           ema=config.ema, grad_clip=config.grad_clip,
-                           inputs=lambda b: (real.images[:b], real.targets[real.targets[:, 0] < b]))
-    probe = probe_for(device)
+    real = next(iter(trainer.loader(True, mosaic=trainer.config.mosaic > 0)))
+    step = trainer.measured_step(inputs=lambda b: (real.images[:b], real.targets[real.targets[:, 0] < b]))
+    batch = trainer.plan.rank_batch
+    probe = probe_for(trainer.device)
     measure(step, probe, batch)
     return measure(step, probe, batch, timed_runs=TIMED_RUNS)
 

@@ -10,6 +10,7 @@ import sys
 
 from detector.config import describe, parse_cli
 from detector.errors import DetectorError
+from detector.runs import setup_logging
 
 USAGE = """usage: detector train [key=value ...]      train (python train.py is the same)
        detector val model=best.pt [data=... split=val|test|train save_json=FILE]   COCO mAP of a checkpoint
@@ -47,22 +48,19 @@ def _run(command: str, argv: list[str]) -> int:
     if command in ("help", "-h", "--help"):
         print(USAGE + "\n\n" + describe())
         return 0
+    if command == "convert":
+        return _convert(argv)
+    setup_logging()  # once, for the commands that train or run a model (help and convert print one line)
     if command == "train":
-        from detector.runs import setup_logging
         from detector.train.trainer import train
 
-        setup_logging()
         train(parse_cli(argv))
         return 0
     if command in ("val", "predict", "export"):
         return _inference(command, argv)
-    if command == "convert":
-        return _convert(argv)
     if command == "benchmark":
         from detector.benchmark import benchmark
-        from detector.runs import setup_logging
 
-        setup_logging()
         overrides = parse_cli([a for a in argv if not a.startswith("batches=")])
         batches = [a.partition("=")[2] for a in argv if a.startswith("batches=")]
         benchmark(batches[-1] if batches else "2,4,8,16,-1", **overrides)
@@ -102,10 +100,8 @@ def _require_key_value(argv: list[str], command: str) -> None:
 
 def _inference(command: str, argv: list[str]) -> int:
     from detector.api import Model
-    from detector.runs import setup_logging
 
     _require_key_value(argv, command)
-    setup_logging()
     args = {k: v for k, v in (a.partition("=")[::2] for a in argv)}
     if "model" not in args:
         onnx = " or an exported .onnx" if command == "predict" else ""

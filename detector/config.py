@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from detector.assets import default_yaml
+from detector.config_values import convert_value
 from detector.errors import ConfigError
 
 
@@ -139,9 +139,6 @@ for _key in ("box", "cls", "dfl"):
 for _key in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "flipud", "mosaic"):
     _CHECKS[_key] = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0", ""}
-
 
 def load_defaults() -> dict[str, Any]:
     """Read cfg/default.yaml as a plain dict."""
@@ -187,71 +184,25 @@ def make_config(*layers: Mapping[str, Any]) -> Config:
     return Config(**values)
 
 
+def check_values(layer: Mapping[str, Any], source: str = "argument") -> dict[str, Any]:
+    """The keys of `layer` converted and checked on their own, before the layers are merged (so a mistake fails
+    before a dataset is read); returns the converted values.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or value out of range.
+    """
+    check_keys(layer, source)
+    values = {key: convert(key, value) for key, value in layer.items()}
+    for key, value in values.items():
+        allowed, what = _CHECKS.get(key, (lambda v: True, ""))
+        if not allowed(value):
+            raise ConfigError(f"invalid value {key}={layer[key]!r}: expected {what}")
+    return values
+
+
 def convert(key: str, value: Any) -> Any:
     """Convert one value (a string from the CLI or a Python object) to the type of setting `key`."""
-    kind = FIELDS[key]
-    try:
-        if key == "optimizer":
-            return _optimizer_name(value)
-        if key == "cache":
-            return "auto" if str(value).strip().lower() == "auto" else str(_bool(value, extra_true={"ram"})).lower()
-        if key == "sync_bn":
-            return "auto" if str(value).strip().lower() == "auto" else str(_bool(value)).lower()
-        if key == "classes":  # a list (Python, YAML) or "0,2" / "[0,2]" (command line) -> "0,2"
-            items = value if isinstance(value, list | tuple) else [] if value is None else [value]
-            return ",".join(str(item).strip(" []") for item in items)
-        if key == "resume":
-            return "" if value in (False, None) or str(value).lower() in _FALSE else str(value)
-        if kind == "bool":
-            return _bool(value)
-        if kind == "int":
-            return _int(value)
-        if kind == "float":
-            number = float(value) if not isinstance(value, bool) else _fail()
-            if key == "batch" and number.is_integer():
-                return int(number)  # a count of images (args.yaml says batch: 16, not 16.0); fractions stay float
-            return number if math.isfinite(number) else _fail()
-        return "" if value is None else str(value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"invalid value {key}={value!r}: expected {_type_words(key, kind)}") from err
-
-
-def _bool(value: Any, extra_true: set[str] = frozenset()) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE or text in extra_true:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(value)
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(value)
-        return int(value)
-    return int(str(value).strip())
-
-
-def _optimizer_name(value: Any) -> str:
-    names = {"auto": "auto", "sgd": "SGD", "adamw": "AdamW"}
-    return names.get(str(value).lower(), str(value))
-
-
-def _fail() -> float:
-    raise ValueError("not a finite number")
-
-
-def _type_words(key: str, kind: str) -> str:
-    if key == "cache":
-        return "auto, true (ram) or false"
-    if key == "sync_bn":
-        return "true, false or auto"
-    return {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "text")
+    return convert_value(key, value, FIELDS[key])
 
 
 def parse_cli(args: list[str]) -> dict[str, str]:

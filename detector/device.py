@@ -56,18 +56,10 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for the next allocation instead of handing it back to the OS,
     and hand it back just before this process forks (a loader worker, say).
 
-    A CPU training step allocates and frees about a gigabyte of activations. By default each large block
-    is a fresh mmap whose pages fault in on first touch: about 15,000 page faults per step of the nano
-    model at imgsz 320, batch 16, against 1,300 with freed memory kept, and the system CPU time to serve
-    them (benchmarks/step_parts.py prints both: 53 against 7 ms of system CPU per step). The step's wall
-    time moved by -3% to +2% in side-by-side runs, within this machine's noise. Inference's batched
-    forwards allocate the same way, hence here with the threads. The freed pages stay mapped, so the
-    process keeps its peak memory until it exits.
-
-    A forked child shares the parent's pages copy-on-write; every page the parent then writes again (each
-    step rewrites its activations) is copied for the parent, and the child is left holding the old one. A
-    validation loader's worker forked after three training steps so held a private copy of the kept heap:
-    998 MiB at imgsz 320, 79 MiB with the free memory released before the fork.
+    A CPU step allocates and frees about a gigabyte of activations; each large block would otherwise be a fresh
+    mmap whose pages fault in on first touch, every step. Released before a fork, so a loader worker does not
+    keep a private copy-on-write copy of the kept heap. The figures are in docs/performance.md
+    (benchmarks/step_parts.py).
     Returns False where there is no glibc (macOS, Windows, musl), which changes nothing.
     """
     global _release_at_fork
@@ -100,16 +92,14 @@ def amp_dtype_for(amp: bool, device: torch.device) -> torch.dtype | None:
     CUDA: bf16 where the device computes it (capability 8.0+: Ampere and later), else fp16 with
     GradScaler. CPU: bf16 where the CPU computes in it natively
     (x86 AVX512-BF16 or AMX); float32 on other CPUs, which would emulate bf16 or were not measured (ARM).
-    On a 2-core AVX512-BF16 CPU, a training step of the nano model at batch 16 and imgsz 320 took 512 ms
-    against 839 ms in float32, and mAP on the shapes set stayed within the spread of seeds
-    (docs/performance.md).
+    The speed and accuracy figures are in docs/performance.md.
     """
     if not amp:
         return None
-    if device.type == "cuda":
-        # is_bf16_supported() also counts emulation and looks at the current device, not this one.
-        major, _minor = torch.cuda.get_device_capability(device)
-        return torch.bfloat16 if major >= 8 else torch.float16
+    ops = device_ops(device)
+    if ops.kind == "cuda":
+        # Not torch.cuda.is_bf16_supported(): it also counts emulation, and asks the current device, not this one.
+        return torch.bfloat16 if ops.capability() >= (8, 0) else torch.float16
     if device.type != "cpu":
         return None
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # a torch without it cannot tell: float32
@@ -133,7 +123,105 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def memory_text(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.memory_reserved(device) / 2**30:.2f}G"
-    return f"{psutil.Process().memory_info().rss / 2**30:.2f}G"
+    """Memory the process holds on `device`, for progress bars: reserved by the allocator (CUDA) or resident (CPU)."""
+    return f"{device_ops(device).reserved() / 2**30:.2f}G"
 
+
+
+class DeviceOps:
+    """The runtime calls of one device beyond placing tensors, chosen once from the device (`device_ops`).
+
+    The stages ask this object, never `torch.cuda` or `device.type == "cuda"`, so a test can hand in a simulated
+    CUDA device that keeps its tensors on the CPU (tests/cuda_sim.py). This class is the CPU's answers: nothing
+    to wait for or to release, host memory, no capability.
+    """
+
+    kind = "cpu"
+    name = "cpu"
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a step's time and peak are read after it)."""
+
+    def empty_cache(self) -> None:
+        """Hand cached blocks back to the device."""
+
+    def reset_peak(self) -> None:
+        """Start a new peak of reserved memory from what is reserved now."""
+
+    def peak_reserved(self) -> int:
+        return self.reserved()
+
+    def reserved(self) -> int:
+        """Bytes the process holds on the device (the host's resident set, on a CPU)."""
+        return int(psutil.Process().memory_info().rss)
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the whole device."""
+        memory = psutil.virtual_memory()
+        return int(memory.available), int(memory.total)
+
+    def capability(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def collective(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` where this device's process group takes it (NCCL refuses host tensors)."""
+        return tensor
+
+
+class CudaOps(DeviceOps):
+    """One CUDA device, as torch.cuda and its caching allocator report it."""
+
+    kind = "cuda"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.name = f"cuda:{torch.cuda.get_device_name(device)}"
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_reserved(self) -> int:
+        return int(torch.cuda.max_memory_reserved(self.device))
+
+    def reserved(self) -> int:
+        return int(torch.cuda.memory_reserved(self.device))
+
+    def mem_get_info(self) -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(free), int(total)
+
+    def capability(self) -> tuple[int, int]:
+        return tuple(torch.cuda.get_device_capability(self.device))
+
+    def collective(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
+
+
+_simulated: DeviceOps | None = None  # a test's simulated device, answering for the CPU device
+
+
+def device_ops(device: torch.device | str) -> DeviceOps:
+    """The runtime calls of `device`: CUDA's for a GPU, the CPU's, or a simulated device installed by a test."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return CudaOps(device)
+    if device.type == "cpu" and _simulated is not None:
+        return _simulated
+    return DeviceOps()
+
+
+@contextlib.contextmanager
+def simulated_device(ops: DeviceOps):
+    """Within the block, the CPU device answers as `ops` (a CUDA stand-in whose tensors stay on the CPU)."""
+    global _simulated
+    previous, _simulated = _simulated, ops
+    try:
+        yield ops
+    finally:
+        _simulated = previous

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from detector.device import device_ops
 from detector.errors import ConfigError, DetectorError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on any rank (all_reduce MAX); `flag` itself in one process."""
     if world_size() == 1:
         return flag
-    value = torch.tensor([int(flag)], device=device)
+    value = device_ops(device).collective(torch.tensor([int(flag)]))
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
@@ -101,19 +102,73 @@ def average_gradients(model: nn.Module) -> None:
     """
     if world_size() == 1:
         return
-    for parameter in model.parameters():
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-            parameter.grad.div_(world_size())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world_size())
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
-def agree_on_batch(batch: int) -> int:
-    """The per-rank batch every rank can run: the smallest of the ranks' own choices (all_reduce MIN)."""
+class PeerOutOfMemory(RuntimeError):
+    """Another rank ran out of memory (or had a non-finite loss) in this micro-batch: every rank drops it."""
+
+
+class StepAgreement:
+    """Every rank's say on the current micro-batch, folded into the one collective each point of the step makes.
+
+    A training step under DDP has two points where all ranks meet: the loss's sum of target scores (after the
+    forward pass) and the end of backward (which runs under no_sync, its gradients averaged at the end of the
+    accumulation window). Both exchange [value, out of memory, non-finite loss]. A rank that runs out of memory
+    anywhere in the micro-batch meets its peers at the point they wait at with `report_oom()`, so every rank
+    learns it at the same point, drops the same micro-batch and splits the same way: no rank waits in a
+    collective that another will never make. SyncBatchNorm's own collectives in the forward pass are not
+    covered: with sync_bn on, an out-of-memory error in the forward pass ends the run.
+    """
+
+    def __init__(self, device: torch.device):
+        self.ops = device_ops(device)
+
+    def sum_scores(self, score_sum: torch.Tensor) -> None:
+        """The loss's all_reduce (in place): the global batch's normaliser, or PeerOutOfMemory."""
+        total, oom, _bad = self._exchange(score_sum.detach().reshape(()).double())
+        if oom:
+            raise PeerOutOfMemory("another rank ran out of memory in the forward pass")
+        score_sum.copy_(total.to(score_sum.dtype))
+
+    def after_backward(self, finite: bool) -> bool:
+        """Meet after backward; True when every rank's loss was finite (else all skip the batch)."""
+        _total, oom, bad = self._exchange(None, bad=not finite)
+        if oom:
+            raise PeerOutOfMemory("another rank ran out of memory in the backward pass")
+        return not bad
+
+    def report_oom(self) -> None:
+        """This rank ran out of memory: tell the peers at the point they are waiting at."""
+        self._exchange(None, oom=True)
+
+    def _exchange(self, value: torch.Tensor | None, oom: bool = False,
+                  bad: bool = False) -> tuple[torch.Tensor, bool, bool]:
+        packed = torch.tensor([0.0, float(oom), float(bad)], dtype=torch.float64)
+        packed = self.ops.collective(packed)
+        if value is not None:
+            packed[0] = value.to(packed.device)
+        dist.all_reduce(packed)
+        return packed[0], bool(packed[1] > 0), bool(packed[2] > 0)
+
+
+def agree_on_batch(batch: int, device: torch.device) -> int:
+    """The per-rank batch every rank can run: the smallest of the ranks' own choices (all_gather, then MIN)."""
     if world_size() == 1:
         return batch
-    value = torch.tensor([batch], dtype=torch.int64)
+    ops = device_ops(device)
+    value = ops.collective(torch.tensor([batch], dtype=torch.int64))  # NCCL takes only tensors on the device
     choices = [torch.zeros_like(value) for _ in range(world_size())]
-    dist.all_gather(choices, value)  # gloo and NCCL tensors alike: CPU tensors need the gloo group
+    dist.all_gather(choices, value)
     chosen = min(int(c) for c in choices)
     if is_main():
         logger.info("AutoBatch under DDP: per-rank choices %s -> %d per rank on all %d ranks, global batch %d",

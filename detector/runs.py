@@ -1,4 +1,4 @@
-"""Run folders, logging to console + file, device, thread and host memory choices."""
+"""Run folders and logging to the console and a run's train.log."""
 
 from __future__ import annotations
 
@@ -39,8 +39,11 @@ def make_run_dir(project: str, name: str, exist_ok: bool) -> Path:
     raise ConfigError(f"too many run folders named {base}*: pick another name=")
 
 
-def setup_logging(log_file: Path | None = None, verbose: bool = True) -> None:
-    """Console (INFO) and, for a run, the run folder's train.log; safe to call more than once."""
+def setup_logging(verbose: bool = True) -> None:
+    """The package's log on the console (INFO; warnings only unless `verbose`) and in no run's train.log.
+
+    Called once by each entry point (cli.main, the Model methods that train or validate); safe to call again.
+    """
     root = logging.getLogger("detector")
     root.setLevel(logging.INFO)
     root.propagate = False
@@ -55,11 +58,13 @@ def setup_logging(log_file: Path | None = None, verbose: bool = True) -> None:
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
+
+
+def log_run(log_file: Path | None, verbose: bool = True) -> None:
+    """A training run's log: the console as setup_logging sets it, and `log_file` (the run's train.log; None:
+    no file, as on the ranks other than 0) in place of an earlier run's."""
+    setup_logging(verbose)
     if log_file is not None:
         file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(file_handler)
-
-
-
-
+        logging.getLogger("detector").addHandler(file_handler)

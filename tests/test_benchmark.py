@@ -46,7 +46,7 @@ def test_one_filled_row_per_batch_and_the_files(tiny, tmp_path):
     ("nbs", 4, 1.0), ("linear", 1, 0.25), ("sqrt", 1, 0.5), ("none", 1, 1.0)])
 def test_lr_policies_set_accumulation_lr_and_decay_as_documented(policy, accumulate, lr_factor):
     config = make_config({"lr_policy": policy, "nbs": 16, "lr0": 0.01, "optimizer": "SGD", "weight_decay": 0.0005})
-    plan = make_plan(config, torch.device("cpu"), 2, train_size=64, batch=4)
+    plan = make_plan(config, torch.device("cpu"), 2, image_size=320, train_size=64, batch=4)
     assert plan.accumulate == accumulate
     assert plan.lr0 == pytest.approx(0.01 * lr_factor)
     assert plan.weight_decay == pytest.approx(0.0005 * 4 * accumulate / 16)  # follows the images per step
@@ -81,7 +81,7 @@ def test_the_table_says_what_an_unresolved_noise_scale_means():
 def test_accumulation_never_skips_a_whole_epoch():
     # 4 images at batch 4 with nbs=16 would accumulate 4 batches, i.e. one step every 4 epochs.
     config = make_config({"lr_policy": "nbs", "nbs": 16})
-    plan = make_plan(config, torch.device("cpu"), 2, train_size=4, batch=4)
+    plan = make_plan(config, torch.device("cpu"), 2, image_size=320, train_size=4, batch=4)
     assert plan.accumulate == 1
     assert plan.weight_decay == pytest.approx(config.weight_decay * 4 / 16)
-    assert make_plan(config, torch.device("cpu"), 2, train_size=40, batch=4).accumulate == 4
+    assert make_plan(config, torch.device("cpu"), 2, image_size=320, train_size=40, batch=4).accumulate == 4

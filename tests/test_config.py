@@ -62,7 +62,8 @@ def test_an_ultralytics_model_name_points_to_the_scale_built_like_it():
                                           r"this package's, built like YOLOv8s\)"):
         load_scale("yolov8s.yaml")
     with pytest.raises(ConfigError, match=r"a \.pt checkpoint$"):  # no hint for a scale this package lacks
-        load_scale("yolov8x.yaml")
+        load_scale("yolov8t.yaml")
+    assert load_scale("yolo11s.yaml") == load_scale("yolo11s")  # Ultralytics' names of the YOLO11 scales ship
 
 
 @pytest.mark.parametrize(("value", "wanted"), [("auto", "auto"), ("AUTO", "auto"), ("ram", "true"), (True, "true"),

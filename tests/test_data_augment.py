@@ -13,7 +13,7 @@ from albumentations.augmentations.pixel.functional import adjust_saturation_torc
 
 from detector.data.augment import LinearColourJitter, TrainTransform, colour_matrix, letterbox, round_image_size
 from detector.data.coco import CocoDataset, Target
-from detector.data.loader import Batch, DetectionDataset, Sample, build_dataloader, collate, set_epoch
+from detector.data.loader import Batch, DetectionDataset, Sample, TrainSampling, build_dataloader, collate, set_epoch
 
 # Saturated colours (RGB), far from the dark background and the grey padding (114).
 COLOURS = [(230, 30, 30), (30, 220, 30), (30, 30, 230), (230, 230, 30), (230, 30, 230), (30, 230, 230)]
@@ -270,8 +270,8 @@ def test_a_resumed_epoch_skips_the_batches_already_trained_on(tmp_path):
 
 def test_mosaic_false_uses_one_image_per_sample(tmp_path):
     dataset = _colour_dataset(tmp_path)
-    loader = build_dataloader(dataset, train=True, image_size=128, batch_size=6, workers=0,
-                              augment={"mosaic": 1.0, "scale": 0.0, "translate": 0.0}, mosaic=False)
+    sampling = TrainSampling(augment={"mosaic": 1.0, "scale": 0.0, "translate": 0.0}, mosaic=False)
+    loader = build_dataloader(dataset, train=True, image_size=128, batch_size=6, workers=0, sampling=sampling)
     batch = next(iter(loader))
     for i, image_id in enumerate(batch.image_ids.tolist()):
         classes = set(batch.targets[batch.targets[:, 0] == i, 1].long().tolist())

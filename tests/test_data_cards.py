@@ -248,7 +248,7 @@ def test_a_split_without_json_or_labels_says_what_to_put_where(tmp_path, dataset
 
 def test_a_data_card_key_that_is_no_setting_names_the_card(tmp_path, datasets_dir):
     from detector.errors import ConfigError
-    from detector.train.trainer import resolve_config
+    from detector.train.build import resolve_config
 
     card = _write_card(tmp_path / "mine.yaml", path=str(datasets_dir.resolve() / "coco8"), train="images/train", foo=1)
     with pytest.raises(ConfigError, match=f"unknown key in data card {card}: 'foo'"):

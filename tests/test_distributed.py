@@ -108,7 +108,7 @@ def _rank_autobatch(rank: int, world: int, port: int, out: str) -> None:
     _join(rank, world, port)
     device = FakeDevice(capacity=(80 if rank == 0 else 24) * GIB)  # rank 1 has the smaller device
     own = choose_batch(device, device, fraction=0.6, max_batch=100_000, measure_throughput=False).batch
-    agreed = agree_on_batch(own)
+    agreed = agree_on_batch(own, torch.device("cpu"))
     with open(f"{out}.{rank}", "w") as file:
         file.write(f"{own} {agreed}")
     torch.distributed.destroy_process_group()

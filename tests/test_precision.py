@@ -25,7 +25,8 @@ def test_cpu_autocasts_to_bf16_only_where_the_cpu_computes_in_it(monkeypatch, ca
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
     config = make_config({"amp": amp})
     assert amp_dtype_for(config.amp, CPU) == expected
-    assert make_plan(config, CPU, 2, train_size=64, batch=4).amp_dtype == ("bfloat16" if expected else "none")
+    plan = make_plan(config, CPU, 2, image_size=320, train_size=64, batch=4)
+    assert plan.amp_dtype == ("bfloat16" if expected else "none")
 
 
 def test_a_torch_that_cannot_tell_the_cpu_trains_in_float32(monkeypatch):

@@ -152,3 +152,34 @@ def test_atomic_write_over_a_folder_or_inside_a_file_names_the_path(tmp_path):
                                             f"{re.escape(str(notes))} is a file, not a folder; "):
         atomic_write_text(notes / "sub" / "out.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out.json"] and not any(folder.iterdir())
+
+
+@pytest.fixture
+def package_logger():
+    """The package's logger, its handlers and settings put back after the test."""
+    import logging
+
+    logger = logging.getLogger("detector")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield logger
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+def test_a_run_logs_to_its_train_log_until_an_entry_point_sets_logging_up_again(tmp_path, package_logger):
+    import logging
+
+    from detector.runs import log_run, setup_logging
+
+    log_run(tmp_path / "train.log", verbose=False)  # a rank other than 0 would pass None
+    console = [h for h in package_logger.handlers if getattr(h, "_detector_console", False)]
+    assert len(console) == 1 and console[0].level == logging.WARNING  # the file still gets INFO
+    logging.getLogger("detector.example").info("during the run")
+    setup_logging()  # e.g. Model.val after Model.train
+    logging.getLogger("detector.example").info("after the run")
+    assert console[0].level == logging.INFO
+    assert [h for h in package_logger.handlers if getattr(h, "_detector_console", False)] == console  # still one
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("INFO detector.example: during the run")

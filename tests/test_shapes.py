@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from detector.data import shapes
+from detector.data import shapes, shapes_render
 from detector.errors import DataError
 
 SMALL = {"num_train": 24, "num_val": 6}
@@ -67,12 +67,12 @@ def test_small_large_and_occluded_objects_exist(dataset):
     assert (longest_sides < 16).mean() > 0.05  # small objects are a real share, not a fluke
     assert longest_sides.max() > 60
     visible = np.array([obj.visible for index in range(SMALL["num_train"])
-                        for obj in shapes.render_image(np.random.default_rng((0, 0, index)))[1]])
-    assert visible.min() >= shapes.MIN_VISIBLE
+                        for obj in shapes_render.render_image(np.random.default_rng((0, 0, index)))[1]])
+    assert visible.min() >= shapes_render.MIN_VISIBLE
     assert (visible < 0.95).sum() >= 3  # overlaps really happen
 
 
-def _check_shape(obj: shapes.RenderedObject) -> None:
+def _check_shape(obj: shapes_render.RenderedObject) -> None:
     """The visible mask of a whole, filled shape has its class's geometry."""
     contours, _ = cv2.findContours(obj.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     contour = max(contours, key=cv2.contourArea)
@@ -80,7 +80,7 @@ def _check_shape(obj: shapes.RenderedObject) -> None:
     solidity = cv2.contourArea(contour) / cv2.contourArea(cv2.convexHull(contour))
     _, _, w, h = obj.box_xywh
     fill = obj.mask.sum() / (w * h)
-    name = shapes.CLASS_NAMES[obj.class_index]
+    name = shapes_render.CLASS_NAMES[obj.class_index]
     if name == "circle":
         assert abs(w - h) <= 2 and 0.7 < fill < 0.86 and solidity > 0.93, (w, h, fill, solidity)
     elif name == "rectangle":
@@ -95,7 +95,7 @@ def test_each_box_holds_its_category_shape_in_its_colour(dataset):
     coco, images = _load(dataset, "train")
     checked = set()
     for image_info, image in zip(coco["images"], images, strict=True):
-        rendered, objects = shapes.render_image(np.random.default_rng((0, 0, image_info["id"] - 1)))
+        rendered, objects = shapes_render.render_image(np.random.default_rng((0, 0, image_info["id"] - 1)))
         # The written file is that render (up to JPEG error), so the render's masks describe it.
         assert np.abs(image.astype(int) - rendered).mean() < 6  # another image differs by ~50
         anns = [a for a in coco["annotations"] if a["image_id"] == image_info["id"]]

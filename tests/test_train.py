@@ -131,7 +131,7 @@ def test_api_and_cli_give_the_same_result_and_best_pt_reproduces_the_metrics(tin
     assert {name: sum(row.values()) for name, row in saved["confusion_matrix"].items() if name in per_class} == {
         name: row["instances"] for name, row in per_class.items()}
     log = (tmp_path / "api" / "train.log").read_text()
-    assert all(f"INFO detector.train.trainer: {name} " in log for name in per_class)
+    assert all(f"INFO detector.evaluate.validate: {name} " in log for name in per_class)
 
 
 def test_single_cls_trains_one_class_and_val_scores_it_the_same_way(tiny_setup, tmp_path):
@@ -249,12 +249,14 @@ def test_batch_minus_one_runs_autobatch_then_trains_at_its_choice(tiny_setup, tm
     plan = load_checkpoint(run / "weights" / "last.pt")["plan"]
     assert plan["batch"] == saved["train"]["batch"] and plan["val_batch"] == saved["val"]["batch"]
     assert saved["train"]["decided_by"] in ("throughput", "memory", "dataset size")  # CPU: images/s takes part
-    assert saved["train"]["verified_peak_bytes"] > 0 and 1 <= plan["batch"] <= 16
+    # On CPU the choice stays at or below nbs (8 here: more would halve the optimizer steps) and at or above the
+    # BatchNorm floor, which is lowered to half the cap so two samples fit under it.
+    assert saved["train"]["verified_peak_bytes"] > 0 and 4 <= plan["batch"] <= 8
     assert saved["key"]["max_boxes"] == max(len(t) for t in CocoDataset(
         Path(tiny_setup["data"]).parent / "shapes" / "images" / "train",
         Path(tiny_setup["data"]).parent / "shapes" / "annotations" / "instances_train.json").targets)
     log = (run / "train.log").read_text()
-    assert "AutoBatch (training): samples b=1," in log and f"-> batch {plan['batch']} (" in log
+    assert "AutoBatch (training): samples b=4,8 " in log and f"-> batch {plan['batch']} (" in log
     assert "AutoBatch (validation): samples b=1," in log
 
 
@@ -262,7 +264,7 @@ def test_an_image_size_off_the_stride_is_rounded_once_for_every_stage(tmp_path, 
     paths = make_tiny_setup(tmp_path, seed=3, num_train=4, num_val=2, image_size=64)
     trainer = Trainer({**paths, "imgsz": 70, "batch": 4, "epochs": 1, "workers": 0, "project": str(tmp_path)},
                       progress=False)
-    assert trainer.config.imgsz == trainer.plan.image_size == 96
+    assert trainer.image_size == trainer.plan.image_size == 96 and trainer.config.imgsz == 70  # config as given
     assert detector_log().count("imgsz=70 is not a multiple of 32; using 96") == 1
     image, _, _ = trainer.train_data.load(0)
     assert max(image.shape[:2]) == 96  # cached at the size the samples are made at: no second resize

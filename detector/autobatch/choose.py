@@ -1,14 +1,16 @@
 """AutoBatch: measure real training steps at a few batch sizes, fit memory, choose, verify.
 
-No knowledge of datasets or models: it is given `step(b)`, one real training step at batch b (built by
-detector/autobatch_step.py), and a memory probe (detector/memory.py). It warms up at the start batch
+No knowledge of datasets or models: it is given `step(b)`, one real step at batch b (training's by
+detector/train/probe.py, inference's by detector/inference/predict.py), and a memory probe
+(detector/autobatch/memory.py). It warms up at the start batch
 (cudnn.benchmark, allocator pools, optimizer state); samples b = start, 2*start, ... until a step runs
 out of memory, passes the budget (fraction * capacity), would pass max_batch or the time budget, or
 (measuring throughput, the CPU case) stops raising images/s by more than 5%; fits peak = fixed +
 per_image * b by least squares; chooses the largest batch whose predicted peak fits (capped at
 max_batch, rounded down to a multiple of 8 from 16 up), or when measuring throughput the smallest
-sampled batch within 5% of the best images/s that fits; and verifies the choice with one real step,
-backing off while it does not fit. Bytes everywhere; the log line says GiB (2**30 bytes).
+sampled batch within 5% of the best images/s that fits; and verifies the choice with VERIFY_STEPS real
+steps in a row, backing off while their peak does not fit. Bytes everywhere; the log line says GiB (2**30
+bytes).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 MIN_R2 = 0.95  # below this the line does not describe the samples and its prediction is not trusted
 MAX_BACK_OFFS = 3
+# One cold step is not steady state: on CUDA the first step at a new size picks cuDNN algorithms and fills the
+# allocator's cache, and where the blocks of one step land shapes where the next step's fit. The verification
+# runs this many steps in a row (no cache release between them) and keeps the highest peak.
+VERIFY_STEPS = 3
 THROUGHPUT_TOLERANCE = 0.05  # images/s within 5% of the best count as "as fast"
 
 
@@ -42,11 +48,14 @@ def round_batch(batch: int) -> int:
 TIMED_RUNS = 3  # unwatched runs per sample when images/s matters; the fastest counts
 
 
-def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, timed_runs: int = 0,
+def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, steps: int = 1, timed_runs: int = 0,
             clock: Callable[[], float] = time.perf_counter) -> Sample:
-    """Run step(batch) once under the probe and return its peak and time, or the OOM it raised.
+    """Run step(batch) `steps` times in a row under one probe reset; return the peak over them and the mean
+    time of one, or the OOM one of them raised.
 
     Args:
+        steps: consecutive watched runs, with nothing released between them (as in training), so the
+            peak is the highest any of them reached.
         timed_runs: time this many more, unwatched runs and keep the fastest (the CPU tracker's per-op
             bookkeeping costs a roughly constant time per step, which would make small batches look slow,
             and on a shared CPU one run can take twice as long as the next: a single slow sample once
@@ -60,8 +69,9 @@ def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, time
     try:
         with probe.watch():
             started = clock()
-            step(batch)
-            seconds = clock() - started
+            for _ in range(steps):
+                step(batch)
+            seconds = (clock() - started) / steps
         peak = probe.peak()
         for run in range(timed_runs):
             started = clock()
@@ -77,8 +87,8 @@ def measure(step: Callable[[int], None], probe: MemoryProbe, batch: int, *, time
         # Outside the except block the exception and its frames are gone, so memory can really be freed.
         probe.cleanup()
         logger.debug("AutoBatch: b=%d ran out of memory: %s", batch, error)
-        return Sample(batch, None, None, error)
-    return Sample(batch, peak, seconds)
+        return Sample(batch, None, None, error, steps=steps)
+    return Sample(batch, peak, seconds, steps=steps)
 
 
 def _sample(step: Callable[[int], None], probe: MemoryProbe, *, budget: int, start: int, max_batch: int,
@@ -160,17 +170,17 @@ def _back_off(batch: int, check: Sample, fit: Fit, budget: int) -> int:
 
 
 def _verify(step: Callable[[int], None], probe: MemoryProbe, batch: int, fit: Fit, budget: int,
-            samples: list[Sample], clock: Callable[[], float]) -> tuple[int | None, list[Sample]]:
-    """Run one real step at `batch` (reusing an identical sample) and back off until it fits.
+            samples: list[Sample], steps: int, clock: Callable[[], float]) -> tuple[int | None, list[Sample]]:
+    """Run `steps` real steps in a row at `batch` and back off until their peak fits.
 
     Returns the verified batch (None if MAX_BACK_OFFS back-offs did not fit) and the checks run.
     """
     checks: list[Sample] = []
     for _ in range(MAX_BACK_OFFS + 1):
-        # A sample at exactly this batch was the same step under the same reset: its peak is the check.
-        check = next((s for s in samples if s.batch == batch and s.ok), None)
+        # With one step, a sample at exactly this batch was the same step under the same reset: it is the check.
+        check = next((s for s in samples if s.batch == batch and s.ok), None) if steps == 1 else None
         if check is None:
-            check = measure(step, probe, batch, clock=clock)
+            check = measure(step, probe, batch, steps=steps, clock=clock)
             checks.append(check)
         if check.ok and check.peak_bytes <= budget * VERIFY_TOLERANCE:
             return batch, checks
@@ -185,6 +195,7 @@ def _verify(step: Callable[[int], None], probe: MemoryProbe, batch: int, fit: Fi
 
 def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: float, max_batch: int,
                  measure_throughput: bool, start: int = 1, max_samples: int = 8, time_budget_s: float = 15.0,
+                 verify_steps: int = VERIFY_STEPS, image_size: int | None = None,
                  clock: Callable[[], float] = time.perf_counter, label: str = "") -> Decision:
     """Sample, fit, choose and verify a training batch size (see the module docstring for the method).
 
@@ -200,6 +211,8 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
         max_samples: most sampled batch sizes.
         time_budget_s: soft limit (s) on sampling: no sample starts that would end past it, but a fit
             always gets its two samples.
+        verify_steps: steps run in a row at the chosen batch to verify it (the highest peak counts).
+        image_size: the side (pixels) the step works at, named in the error when nothing fits.
         clock: seconds counter (injected by tests).
         label: what the batch is for, shown in the log line ("training", "validation").
 
@@ -208,21 +221,24 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
 
     Raises:
         ValueError: for arguments out of range.
-        AutoBatchError: when a step at the start batch already runs out of memory, or no batch
-            passes verification.
+        AutoBatchError: when a step at the start batch already runs out of memory (the message names the
+            batch, the image size when given, and the memory this process has on the device).
         Exception: any non-memory error raised by `step` (a broken model is not a batch-size problem).
     """
     if not 0 < fraction < 1:
         raise ValueError(f"AutoBatch fraction must be in (0, 1), got {fraction}")
-    if max_batch < 1 or start < 1:
-        raise ValueError(f"AutoBatch needs max_batch >= 1 and start >= 1, got {max_batch} and {start}")
+    if max_batch < 1 or start < 1 or verify_steps < 1:
+        raise ValueError(f"AutoBatch needs max_batch, start and verify_steps >= 1, got {max_batch}, {start} and "
+                         f"{verify_steps}")
     began = clock()
     start = min(start, max_batch)
     warm = measure(step, probe, start, clock=clock)
-    if not warm.ok:
-        raise AutoBatchError(f"one training step at batch {start} already runs out of memory on {probe.name} "
-                             f"({warm.error}); use a smaller imgsz or model")
     probe.reset()
+    if not warm.ok:
+        at_size = f" at imgsz {image_size}" if image_size else ""
+        raise AutoBatchError(f"one {label or 'measured'} step at batch {start} already runs out of memory{at_size} on "
+                             f"{probe.name}, where this process has {gib(probe.capacity())} GiB ({warm.error}); "
+                             "use a smaller imgsz or model")
     capacity = probe.capacity()
     budget = int(fraction * capacity)
     samples, stopped = _sample(step, probe, budget=budget, start=start, max_batch=max_batch,
@@ -238,7 +254,7 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
     if why_not:
         decision.batch, decision.reason, decision.verified_peak_bytes = _fallback(samples, budget, max_batch, why_not)
     else:
-        _choose_and_verify(decision, step, probe, fit, max_batch, measure_throughput, stopped, clock)
+        _choose_and_verify(decision, step, probe, fit, max_batch, stopped, verify_steps, clock)
     decision.seconds = clock() - began
     log = logger.warning if decision.decided_by == "fallback" else logger.info
     log(decision.log_line())
@@ -259,15 +275,15 @@ def _why_not_trusted(fit: Fit | None, budget: int, samples: list[Sample]) -> str
 
 
 def _choose_and_verify(decision: Decision, step: Callable[[int], None], probe: MemoryProbe, fit: Fit,
-                       max_batch: int, measure_throughput: bool, stopped: str, clock: Callable[[], float]) -> None:
+                       max_batch: int, stopped: str, verify_steps: int, clock: Callable[[], float]) -> None:
     """Fill decision.batch / decided_by / reason / verified peak / checks from a trusted fit."""
     budget, samples = decision.budget_bytes, decision.samples
     batch, decided_by = _memory_choice(fit, budget, max_batch, samples)
     reason = f"predicted peak {gib(fit.predict(batch))} GiB; sampling stopped: {stopped}"
-    fastest = _throughput_choice(samples, budget, batch, stopped) if measure_throughput else None
+    fastest = _throughput_choice(samples, budget, batch, stopped) if decision.throughput else None
     if fastest is not None and fastest[0] < batch:
         batch, decided_by, reason = fastest[0], "throughput", fastest[1]
-    verified, decision.checks = _verify(step, probe, batch, fit, budget, samples, clock)
+    verified, decision.checks = _verify(step, probe, batch, fit, budget, samples, verify_steps, clock)
     if verified is None:
         decision.batch, decision.reason, decision.verified_peak_bytes = _fallback(
             samples, budget, max_batch, f"b={batch} and {MAX_BACK_OFFS} back-offs did not fit the target")
@@ -276,4 +292,4 @@ def _choose_and_verify(decision: Decision, step: Callable[[int], None], probe: M
         reason += f"; backed off from b={batch} after verification"
     peaks = [s.peak_bytes for s in samples + decision.checks if s.batch == verified and s.ok]
     decision.batch, decision.decided_by, decision.reason = verified, decided_by, reason
-    decision.verified_peak_bytes = peaks[-1]
+    decision.verified_peak_bytes, decision.verified_steps = peaks[-1], verify_steps

@@ -19,6 +19,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from detector.device import DeviceOps, device_ops
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,22 +67,21 @@ class CudaMemory:
     allocation can fail against.
     """
 
-    def __init__(self, device: torch.device | str | int):
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"CudaMemory needs a CUDA device, got {self.device}")
-        self.name = f"cuda:{torch.cuda.get_device_name(self.device)}"
+    def __init__(self, ops: DeviceOps):
+        if ops.kind != "cuda":
+            raise ValueError(f"CudaMemory needs a CUDA device, got {ops.name}")
+        self.ops, self.name = ops, ops.name
 
     def reset(self) -> None:
         self.cleanup()
-        torch.cuda.reset_peak_memory_stats(self.device)
+        self.ops.reset_peak()
 
     def watch(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def peak(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return int(torch.cuda.max_memory_reserved(self.device))
+        self.ops.synchronize()
+        return self.ops.peak_reserved()
 
     def capacity(self) -> int:
         """Free device memory plus what this process's allocator already holds, each byte counted once.
@@ -91,8 +92,8 @@ class CudaMemory:
         (`max_memory_reserved` starts from them), so they are added back exactly once. Call after
         `reset()` so that cached-but-unused blocks have been returned and are counted as free.
         """
-        free, _total = torch.cuda.mem_get_info(self.device)
-        return int(free + torch.cuda.memory_reserved(self.device))
+        free, _total = self.ops.mem_get_info()
+        return free + self.ops.reserved()
 
     def is_oom(self, err: BaseException) -> bool:
         return is_out_of_memory(err)
@@ -100,8 +101,8 @@ class CudaMemory:
     def cleanup(self) -> None:
         # Frames of a failed step can sit in reference cycles; collect them before returning blocks.
         gc.collect()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
+        self.ops.synchronize()
+        self.ops.empty_cache()
 
 
 class _StorageCounter(TorchDispatchMode):
@@ -189,8 +190,9 @@ def probe_for(device: torch.device | str) -> MemoryProbe:
         ValueError: for device types AutoBatch cannot measure (e.g. mps).
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        return CudaMemory(device)
+    ops = device_ops(device)
+    if ops.kind == "cuda":
+        return CudaMemory(ops)
     if device.type == "cpu":
         return CpuTensorMemory()
     raise ValueError(f"AutoBatch cannot measure memory on {device.type} devices; give a fixed batch=N")

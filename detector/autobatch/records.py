@@ -26,12 +26,14 @@ class Sample:
         peak_bytes: peak memory of the step (bytes), None when it failed.
         seconds: wall time of the step (s), None when it failed.
         error: the out-of-memory message when the step failed, else None.
+        steps: steps run in a row under one reset; peak_bytes is the highest of them, seconds their mean.
     """
 
     batch: int
     peak_bytes: int | None
     seconds: float | None
     error: str | None = None
+    steps: int = 1
 
     @property
     def ok(self) -> bool:
@@ -74,7 +76,10 @@ class Decision:
         fit_batches: the sampled batches the fit used (the largest that ran).
         label: what the batch is for (log line only).
         decided_by: "memory", "throughput", "dataset size" or "fallback".
-        verified_peak_bytes: measured peak of a real step at `batch` (bytes).
+        verified_peak_bytes: highest peak of `verified_steps` real steps in a row at `batch` (bytes).
+        verified_steps: how many steps verified_peak_bytes covers (1 for a fallback's sample).
+        first_epoch_peak_bytes: peak of training's first epoch at `batch` (bytes), None until the trainer
+            records it (record_first_epoch).
         reason: why this batch, in words.
         checks: verification steps run after the choice (back-offs included).
         throughput: whether images/s took part in the choice.
@@ -94,6 +99,8 @@ class Decision:
     verified_peak_bytes: int | None
     reason: str
     checks: list[Sample] = field(default_factory=list)
+    verified_steps: int = 1
+    first_epoch_peak_bytes: int | None = None
     fit_batches: list[int] = field(default_factory=list)
     label: str = ""  # what the batch is for, e.g. "training" or "validation" (shown in the log line)
     throughput: bool = False
@@ -125,11 +132,20 @@ class Decision:
                  f" -> batch {self.batch} ({self.decided_by}")
         line += f": {self.reason})" if self.decided_by in ("fallback", "throughput") else ")"
         if self.verified_peak_bytes is not None:
-            line += f", verified peak {gib(self.verified_peak_bytes)} GiB"
+            steps = f" over {self.verified_steps} steps" if self.verified_steps > 1 else ""
+            line += f", verified peak {gib(self.verified_peak_bytes)} GiB{steps}"
         backed_off = sum(1 for c in self.checks if not c.ok or c.peak_bytes > self.budget_bytes * VERIFY_TOLERANCE)
         if backed_off:
             line += f" after {backed_off} back-off(s)"
         return line + f" [{self.device}, {self.seconds:.1f} s]"
+
+    def record_first_epoch(self, peak_bytes: int) -> str:
+        """Keep the peak training's first epoch reached at this batch; returns a line comparing it with the target."""
+        self.first_epoch_peak_bytes = peak_bytes
+        verified = "" if self.verified_peak_bytes is None else f", verified {gib(self.verified_peak_bytes)} GiB"
+        return (f"AutoBatch{f' ({self.label})' if self.label else ''}: the first epoch at batch {self.batch} peaked at "
+                f"{gib(peak_bytes)} GiB, {peak_bytes / self.budget_bytes:.2f} of the target {gib(self.budget_bytes)} "
+                f"GiB{verified}")
 
 
 def gib(nbytes: float) -> str:

@@ -20,11 +20,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from detector.assets import cards_dir
+from detector.data.card_yaml import card_text, parse_names, read_card_yaml, split_folders
 from detector.data.derived import default_json, read_list, write_split_json
 from detector.errors import DataError
 
@@ -100,7 +98,7 @@ def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCa
     if spec_path.suffix.lower() == ".json":
         return _card_from_json(spec_path)
     card_path = _find_card(spec_path)
-    raw = _read_yaml(card_path)
+    raw = read_card_yaml(card_path)
     datasets_dir = datasets_root(datasets_dir)
     card = _resolve(card_path.stem, raw, datasets_dir, card_path.parent)
     if not _dataset_present(card):
@@ -145,38 +143,21 @@ def _find_card(spec: Path) -> Path:
     raise DataError(f"data card {spec} not found: give a YAML or COCO JSON path, or one of: {available}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise DataError(f"cannot read data card {path}: {err}") from err
-    if not isinstance(raw, dict):
-        raise DataError(f"data card {path} must be a mapping of keys (path, train, val, ...)")
-    return raw
-
-
-def _get_str(name: str, raw: dict, key: str, default: str | None = None) -> str | None:
-    value = raw.get(key, default)
-    if value is not None and not isinstance(value, str | Path):
-        raise DataError(f"data card {name}: '{key}' must be a string, got {type(value).__name__} {value!r}")
-    return None if value is None else str(value)
-
-
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
     """Card keys -> paths (nothing is checked on disk yet, but for the image lists a split may name)."""
-    splits = {split: _split_folders(name, raw, split) for split in SPLITS}
+    splits = {split: split_folders(name, raw, split) for split in SPLITS}
     if not splits["train"]:
         raise DataError(f"data card {name}: 'train' (training image folder, relative to 'path') is missing")
     splits["val"] = splits["val"] or splits["train"]
-    path = _get_str(name, raw, "path")
+    path = card_text(name, raw, "path")
     root = datasets_dir / Path(path).expanduser() if path else card_folder.resolve()  # an absolute path stays
     for key in ("download", "converter", "generator"):
-        _get_str(name, raw, key)
+        card_text(name, raw, key)
     if raw.get("converter") not in (None, *CONVERTERS):
         raise DataError(f"data card {name}: converter {raw['converter']!r} is unknown; use {CONVERTERS}")
     if raw.get("generator") not in (None, *GENERATORS):
         raise DataError(f"data card {name}: generator {raw['generator']!r} is unknown; use {GENERATORS}")
-    names = _parse_names(name, raw.get("names"))
+    names = parse_names(name, raw.get("names"))
     if raw.get("nc") is not None and names and raw["nc"] != len(names):
         raise DataError(f"data card {name}: nc={raw['nc']} but 'names' has {len(names)} entries")
     settings = {k: v for k, v in raw.items() if k not in CARD_KEYS}
@@ -195,25 +176,11 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
             merged[split] = [root / folder for folder in folders]
             images = Path(os.path.commonpath(merged[split]))
             default = f"annotations/instances_{'+'.join(Path(folder).name for folder in folders)}.json"
-        paths[split] = (images, root / _get_str(name, raw, f"{split}_json", default))
+        paths[split] = (images, root / card_text(name, raw, f"{split}_json", default))
     return DataCard(name=name, root=root, train_images=paths["train"][0], train_json=paths["train"][1],
                     val_images=paths["val"][0], val_json=paths["val"][1], names=names, settings=settings,
                     test_images=paths["test"][0], test_json=paths["test"][1], merged=merged,
                     listed=listed)
-
-
-def _split_folders(name: str, raw: dict, split: str) -> list[str]:
-    """A split's image folders: one, or a list (Ultralytics cards list several, e.g. VOC's), or a .txt listing its
-    images (Ultralytics' coco.yaml); none when absent."""
-    value = raw.get(split)
-    if isinstance(value, list):
-        if not value or not all(isinstance(folder, str) and folder and not folder.lower().endswith(".txt")
-                                for folder in value):
-            raise DataError(f"data card {name}: '{split}' must be an image folder, a list of image folders or one .txt "
-                            f"list of images, got {value!r}")
-        return list(value)
-    value = _get_str(name, raw, split)
-    return [value] if value else []
 
 
 def _list_base(path: Path) -> Path:
@@ -223,19 +190,6 @@ def _list_base(path: Path) -> Path:
         return path.parent
     folders = {file.parent for file in read_list(path)}
     return Path(os.path.commonpath(sorted(folders)))
-
-
-def _parse_names(name: str, names: Any) -> list[str]:
-    """names as a list, or a dict {index: name} with indices 0..C-1."""
-    if names is None:
-        return []
-    if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
-            raise DataError(f"data card {name}: 'names' keys must be the class indices 0..{len(names) - 1}")
-        names = [names[i] for i in range(len(names))]
-    if not isinstance(names, list) or not all(isinstance(n, str | int) for n in names):
-        raise DataError(f"data card {name}: 'names' must be a list of class names or a dict index: name")
-    return [str(n) for n in names]
 
 
 def _dataset_present(card: DataCard) -> bool:

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import math
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +19,14 @@ import numpy as np
 import psutil
 from pycocotools.coco import COCO
 
+from detector.data.coco_json import load_coco_json
 from detector.data.images import probe_image, read_image, reduction_for
 from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+CACHE_AUTO_SHARE = 0.1  # cache=auto keeps the decoded images when they need at most this share of free RAM
+
 
 @dataclass
 class Target:
@@ -45,57 +46,6 @@ class Target:
 
 def empty_target() -> Target:
     return Target(np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))
-
-
-CACHE_AUTO_SHARE = 0.1  # cache=auto keeps the decoded images when they need at most this share of free RAM
-
-def _load_json(path: Path) -> dict:
-    """Reads a COCO JSON and checks the structure pycocotools relies on."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
-    except FileNotFoundError as err:
-        raise DataError(f"annotation file {path} not found; check the card's train_json/val_json") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"annotation file {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise DataError(f"annotation file {path}: expected a JSON object with images/annotations/categories")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            problem = "is missing" if key not in data else "is not a list"
-            raise DataError(f"annotation file {path}: '{key}' {problem}; is this a COCO instances file?")
-    _check_records(path, "images", data["images"], {"id": int, "file_name": str})
-    _check_records(path, "categories", data["categories"], {"id": int, "name": str})
-    # pycocotools keys images and categories by id: a repeated id would silently merge two records.
-    for key, what in (("images", "image"), ("categories", "category")):
-        repeated = sorted(i for i, n in Counter(record["id"] for record in data[key]).items() if n > 1)
-        if repeated:
-            raise DataError(f"annotation file {path}: {what} id {repeated[0]} is used by more than one of '{key}' "
-                            f"({len(repeated)} repeated id(s)); ids must be unique")
-    _check_records(path, "annotations", data["annotations"],
-                   {"image_id": int, "category_id": int, "bbox": list})
-    for index, annotation in enumerate(data["annotations"]):
-        annotation.setdefault("id", index + 1)
-        bbox = annotation["bbox"]
-        if len(bbox) != 4 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
-            raise DataError(f"annotation file {path}: annotations[{index}].bbox must be [x, y, w, h] numbers")
-        if not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
-            # Not a box that clipping could mend: the file was written wrong (often [x1, y1, x2, y2]).
-            raise DataError(f"annotation file {path}: annotations[{index}].bbox {bbox} has a negative or "
-                            "non-finite value; COCO boxes are [x, y, width, height] with width, height >= 0")
-    return data
-
-
-def _check_records(path: Path, key: str, records: list, fields: dict[str, type]) -> None:
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"annotation file {path}: {key}[{index}] is not an object")
-        for field, kind in fields.items():
-            value = record.get(field)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                problem = ("is missing" if field not in record
-                           else f"is {type(value).__name__}, not {kind.__name__}")
-                raise DataError(f"annotation file {path}: {key}[{index}].{field} {problem}")
 
 
 def _boxes_of(annotations: list[dict], class_of: dict[int, int], height: int, width: int,
@@ -140,6 +90,15 @@ def relabel(data: dict, classes: list[int] | None = None, single_cls: bool = Fal
     return data
 
 
+def _coco_index(data: dict) -> COCO:
+    """pycocotools' index of a checked COCO JSON dict (without the progress it prints)."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
 class CocoDataset:
     """Images and boxes of one COCO instances JSON.
 
@@ -174,16 +133,27 @@ class CocoDataset:
         """
         self.images_dir = Path(images_dir)
         self.annotation_json = Path(annotation_json)
-        data = _load_json(self.annotation_json)
-        data = relabel(data, classes, single_cls)
+        coco = _coco_index(relabel(load_coco_json(self.annotation_json), classes, single_cls))
         self.classes = None if single_cls else classes  # what detections are kept to (single_cls: its one class)
-        coco = COCO()
-        coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco.createIndex()
         categories = sorted(coco.cats.values(), key=lambda c: c["id"])
         self.category_ids: list[int] = [c["id"] for c in categories]
         self.names: list[str] = [c["name"] for c in categories]
+        self._read_labels(coco, skip_bad_images)
+        self.max_boxes = max((len(t) for t in self.targets), default=0)
+        self._cache: list[np.ndarray] | None = None
+        if cache == "auto":
+            cache = self._fits_in_ram(image_size)
+        if cache:
+            self._cache = [self._decode(i, image_size) for i in range(len(self))]
+        logger.info("%s: %d images, %d boxes, %d classes", self.annotation_json.name, len(self),
+                    sum(len(t) for t in self.targets), len(self.names))
+
+    def _read_labels(self, coco: COCO, skip_bad_images: bool) -> None:
+        """The paths, ids, sizes and Targets of the images that open; warns of the boxes it drops.
+
+        Raises:
+            DataError: no usable image.
+        """
         class_of = {category_id: index for index, category_id in enumerate(self.category_ids)}
         image_records = self._scan_images(list(coco.imgs.values()), skip_bad_images)
         counts = {"crowd": 0, "unknown category": 0, "degenerate": 0}
@@ -200,19 +170,11 @@ class CocoDataset:
             raise DataError(f"annotation file {self.annotation_json} has no usable images: its 'images' list is "
                             "empty or every image was skipped; check the file and the image folder")
         known = set(coco.imgs)
-        counts["unknown image"] = sum(a["image_id"] not in known for a in data["annotations"])
+        counts["unknown image"] = sum(a["image_id"] not in known for a in coco.dataset["annotations"])
         self._warn_dropped(counts)
         if not any(len(t) for t in self.targets):
             logger.warning("%s has no boxes: training on it learns background only, and validating on it scores 0",
                            self.annotation_json.name)
-        self.max_boxes = max((len(t) for t in self.targets), default=0)
-        self._cache: list[np.ndarray] | None = None
-        if cache == "auto":
-            cache = self._fits_in_ram(image_size)
-        if cache:
-            self._cache = [self._decode(i, image_size) for i in range(len(self))]
-        logger.info("%s: %d images, %d boxes, %d classes", self.annotation_json.name, len(self),
-                    sum(len(t) for t in self.targets), len(self.names))
 
     def _fits_in_ram(self, image_size: int | None) -> bool:
         """Whether the decoded images (resized to image_size) take at most CACHE_AUTO_SHARE of the available RAM."""

@@ -75,20 +75,7 @@ def download(url: str, dest: Path, *, max_bytes: int = MAX_DOWNLOAD_BYTES, sha25
     try:
         opener = urllib.request.build_opener(_CheckedRedirects)
         with opener.open(url, timeout=timeout) as response, open(tmp, "wb") as file:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            if total and total > max_bytes:
-                raise DataError(f"{url} is {total} bytes, more than the {max_bytes} allowed")
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}") as bar:
-                written = 0
-                while chunk := response.read(CHUNK):
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise DataError(f"{url} is larger than the {max_bytes} bytes allowed")
-                    file.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-            file.flush()
-            os.fsync(file.fileno())
+            written = _copy(response, file, digest, url=url, max_bytes=max_bytes, label=f"downloading {dest.name}")
     except (urllib.error.URLError, OSError, ValueError) as err:
         tmp.unlink(missing_ok=True)
         raise DataError(f"cannot download {url}: {err}") from err
@@ -101,6 +88,25 @@ def download(url: str, dest: Path, *, max_bytes: int = MAX_DOWNLOAD_BYTES, sha25
     os.replace(tmp, dest)
     logger.info("downloaded %s to %s (%d bytes)", url, dest, written)
     return dest
+
+
+def _copy(response, file, digest, *, url: str, max_bytes: int, label: str) -> int:
+    """Copy the response into the open file, durably, feeding the digest and a progress bar; returns the bytes."""
+    total = int(response.headers.get("Content-Length") or 0) or None
+    if total and total > max_bytes:
+        raise DataError(f"{url} is {total} bytes, more than the {max_bytes} allowed")
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label) as bar:
+        written = 0
+        while chunk := response.read(CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise DataError(f"{url} is larger than the {max_bytes} bytes allowed")
+            file.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+    file.flush()
+    os.fsync(file.fileno())
+    return written
 
 
 def _check_member(info: zipfile.ZipInfo, zip_path: Path) -> None:

@@ -32,7 +32,7 @@ class Batch:
     """A collated batch.
 
     Attributes:
-        images: uint8 (B, 3, H, W) RGB, channels_last in memory (engine.prepare_images sets the format); training
+        images: uint8 (B, 3, H, W) RGB, channels_last in memory (device.prepare_images sets the format); training
             batches are S x S, validation batches the rectangle of their images (see DetectionDataset.batch_by_shape).
         targets: float32 (N, 6) rows [batch_index, class, x1, y1, x2, y2] in input pixels.
         image_ids: int64 (B,) COCO image ids.
@@ -109,8 +109,8 @@ class DetectionDataset(Dataset):
         """Letterboxes each image to its own rectangle (the smallest multiples of 32 that hold it with its longest
         side at S) and returns batches of positions: up to `batch_size` images of one rectangle, full batches
         first. Validation spends no compute on padding, and an image's input, so its detections, depend on
-        neither the batch size nor its batch-mates (padded to the batch's largest rectangle, coco128's mAP50-95
-        at 320 moved from 0.1601 to 0.1617 between val batch 1 and 64).
+        neither the batch size nor its batch-mates (a batch padded to its largest rectangle would make the mAP
+        move with the validation batch).
         """
         sizes = [self.dataset.orig_size(i) for i in self.indices]
         order = sorted(range(len(sizes)), key=lambda i: sizes[i][0] / sizes[i][1])
@@ -148,9 +148,8 @@ class DetectionDataset(Dataset):
 def collate(samples: list[Sample]) -> Batch:
     """Stacks samples into a Batch (see Batch for shapes); targets of all images in one (N, 6) tensor."""
     # (B, S, S, 3) memory seen as (B, 3, S, S): channels_last strides, which is what training wants. In a
-    # worker, default_collate stacks straight into shared memory: stacking first and letting the pickler copy
-    # the batch there cost the worker 54.8 ms of CPU per batch against 46.1 (coco128 at 320, medians of 3
-    # runs), CPU that the training step on the same 2 cores loses.
+    # worker, default_collate stacks straight into shared memory, sparing the copy the pickler would make of
+    # a stacked batch: CPU that the training step on the same cores would lose (docs/performance.md).
     images = default_collate([torch.from_numpy(s.image) for s in samples]).permute(0, 3, 1, 2)
     rows = [np.concatenate([np.full((len(s.target), 1), i, np.float32),
                             s.target.classes.reshape(-1, 1).astype(np.float32),
@@ -196,10 +195,30 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+@dataclass(frozen=True)
+class TrainSampling:
+    """What a training loader draws besides its batch size: augmentation, the share of the images, this rank's part.
+
+    Attributes:
+        augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
+        mosaic: False turns mosaic off (the last close_mosaic epochs).
+        fraction: Train on this fraction of the images (seeded choice).
+        rank, world_size: Under DDP, this rank loads every world_size-th image of the epoch's order from
+            position `rank` on (batch_size is then the per-rank batch).
+        drop_last: Drop a last incomplete batch.
+    """
+
+    augment: dict | None = None
+    mosaic: bool = True
+    fraction: float = 1.0
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+
+
 def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batch_size: int, workers: int,
-                     seed: int = 0, augment: dict | None = None, mosaic: bool = True,
-                     device: torch.device | str = "cpu", drop_last: bool = False, fraction: float = 1.0,
-                     rank: int = 0, world_size: int = 1) -> DataLoader:
+                     seed: int = 0, device: torch.device | str = "cpu",
+                     sampling: TrainSampling | None = None) -> DataLoader:
     """A DataLoader of Batch objects.
 
     Args:
@@ -210,51 +229,49 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         workers: Worker processes (0: load in the calling process; -1: the CPU cores of this rank that the
             device's work leaves free, at most 8: all but one on CUDA, those torch's threads leave on the CPU).
         seed: Seed of the shuffle order and the augmentation.
-        augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
-        mosaic: False turns mosaic off (the last close_mosaic epochs).
         device: Where the batches are used: CUDA pins them (faster host-to-GPU copies); it also sets -1 workers,
             and on the CPU OpenCV runs on one thread.
-        drop_last: Drop a last incomplete batch (training).
-        fraction: Train on this fraction of the images (seeded choice).
-        rank, world_size: Under DDP, training loads every world_size-th image of the epoch's order from
-            position `rank` on (batch_size is then the per-rank batch).
+        sampling: How training samples (None: TrainSampling's defaults); validation ignores it.
 
     Returns:
         The DataLoader; call `set_epoch(loader, epoch)` before each epoch. A training loader's sampler
         is a ResumableSampler (a resumed epoch can skip the batches already done).
     """
-    wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=augment,
-                               mosaic=mosaic, fraction=fraction)
+    sampling = sampling or TrainSampling()
+    wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=sampling.augment,
+                               mosaic=sampling.mosaic, fraction=sampling.fraction if train else 1.0)
     if train:
         # The order of an epoch depends on (seed, epoch) alone, so a resumed run sees the same batches
         # as an uninterrupted one, and the ranks of a DDP run split one order between them: together
         # their k-th batches hold the images of a single process's k-th batch of world_size times the size.
-        sampler = ResumableSampler(DistributedSampler(wrapped, num_replicas=world_size, rank=rank, shuffle=True,
-                                                      seed=seed))
-        batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
+        sampler = ResumableSampler(DistributedSampler(wrapped, num_replicas=sampling.world_size, rank=sampling.rank,
+                                                      shuffle=True, seed=seed))
+        batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": sampling.drop_last}
     else:
         batching = {"batch_sampler": wrapped.batch_by_shape(batch_size)}
     device = torch.device(device)
-    if workers < 0:
-        # On the CPU, torch's threads (one per physical core) already compute on the cores, and a worker only
-        # competes with them: each core it takes stalls the step's threads at their next join, and the batch
-        # costs shared-memory copies on top. On 2 cores (2 threads, bf16, coco128) the loop ran at 0.939 of
-        # the pure step loading in the main process against 0.910 with 1 worker at imgsz 320, and 0.963
-        # against 0.934 at 640 (medians, benchmarks/loop_speed.py). SMT siblings are left to workers.
-        cores, busy = cpu_share(), torch.get_num_threads() if device.type == "cpu" else 1
-        workers = min(max(cores - busy, 0), 8)
-        if train:
-            logger.info("workers=-1: %d loader processes (%d CPU cores, %d busy with %s)", workers, cores, busy,
-                        "torch's threads" if device.type == "cpu" else "the main process")
+    workers = _loader_workers(workers, device, log=train)
     if workers or device.type == "cpu":
-        # OpenCV's own thread pool fights torch's threads for the cores. Workers inherit this at fork (it
-        # cannot be set safely inside one): single-threaded OpenCV in one worker trained coco128 at 320 about
-        # 7% faster on 2 cores. Loading in the main process on the CPU, a batch at 320 waited 30.5 against
-        # 35.9 ms in one series and 35.6 against 36.8 in another (medians, docs/performance.md). Process-wide.
+        # OpenCV's own thread pool competes with torch's threads for the cores. Process-wide; workers inherit it
+        # at fork (it cannot be set safely inside one).
         cv2.setNumThreads(1)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(wrapped, **batching, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
                       generator=generator, worker_init_fn=_seed_worker, persistent_workers=workers > 0)
+
+
+def _loader_workers(workers: int, device: torch.device, log: bool) -> int:
+    """`workers`, or for -1 the cores this rank's device work leaves free, at most 8 (said in the log when `log`)."""
+    if workers >= 0:
+        return workers
+    # On the CPU torch's threads (one per physical core) already use the cores, and a worker on one stalls
+    # them at every join: only the cores they leave (SMT siblings) load (docs/performance.md).
+    cores, busy = cpu_share(), torch.get_num_threads() if device.type == "cpu" else 1
+    workers = min(max(cores - busy, 0), 8)
+    if log:
+        logger.info("workers=-1: %d loader processes (%d CPU cores, %d busy with %s)", workers, cores, busy,
+                    "torch's threads" if device.type == "cpu" else "the main process")
+    return workers
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:

@@ -8,7 +8,8 @@ import contextlib
 import gc
 import io
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,34 @@ class DetectionMetrics(ClassMetrics):
             if counts:
                 confusion[true_name] = counts
         return {"per_class": {name: asdict(row) for name, row in self.per_class.items()}, "confusion_matrix": confusion}
+
+
+def coco_results(boxes_xyxy: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, *, image_id: int,
+                 category_ids: Sequence[int]) -> list[dict]:
+    """One image's detections as COCO results entries (what COCO.loadRes and coco_evaluate read).
+
+    Validation and Result.to_coco both build their entries here, so val save_json and predict write the same.
+
+    Args:
+        boxes_xyxy: float (K, 4) in original image pixels.
+        scores: float (K,).
+        classes: int (K,) contiguous class indices.
+        image_id: the image's id in the ground truth.
+        category_ids: the dataset's category id of each class index.
+
+    Returns:
+        K dicts (fewer if a score is NaN): image_id, category_id, bbox [x, y, width, height] rounded to 0.001
+        pixel, score rounded to 1e-5.
+    """
+    boxes = boxes_xyxy.float().cpu().reshape(-1, 4)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    # Rounded as tensors: value by value in Python this took 2.5 us per detection, and validation at conf 0.001
+    # makes tens of thousands of them per pass.
+    xywh = torch.round(xywh.double(), decimals=3).tolist()
+    scores = torch.round(scores.double().cpu(), decimals=5).tolist()
+    ids = [int(category_id) for category_id in category_ids]
+    return [{"image_id": int(image_id), "category_id": ids[c], "bbox": box, "score": s}
+            for box, s, c in zip(xywh, scores, classes.cpu().tolist(), strict=True) if not math.isnan(s)]
 
 
 def load_ground_truth(annotation_json: Path, single_cls: bool = False, classes: list[int] | None = None) -> COCO:

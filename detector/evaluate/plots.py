@@ -17,17 +17,11 @@ import cv2
 import numpy as np
 
 from detector.atomic import atomic_write_bytes
+from detector.evaluate.draw import PALETTE, box_labels, draw_boxes, save_png, to_numpy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-# Distinct, readable colours (RGB) for up to 20 classes; more classes wrap around.
-PALETTE = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
-    (0, 0, 128), (128, 128, 128),
-)
 MAX_MOSAIC_SIDE = 1920  # pixels; larger batches are shrunk so the PNG stays quick to open
 
 
@@ -45,22 +39,6 @@ def _save_figure(figure: Figure, out_path: Path) -> Path:
     """Writes the figure as a PNG at out_path atomically."""
     atomic_write_bytes(Path(out_path), lambda file: figure.savefig(file, format="png"))
     return Path(out_path)
-
-
-def _save_image(image_rgb: np.ndarray, out_path: Path) -> Path:
-    """Writes a uint8 (H, W, 3) RGB array as a PNG at out_path atomically."""
-    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"could not encode {out_path} as PNG")
-    atomic_write_bytes(Path(out_path), lambda file: file.write(encoded.tobytes()))
-    return Path(out_path)
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    """Tensors (any device) and array-likes to a numpy array."""
-    if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.asarray(array)
 
 
 def _read_columns(csv_path: Path) -> dict[str, np.ndarray]:
@@ -120,35 +98,6 @@ def plot_results(csv_path: Path, out_path: Path) -> Path:
     return _save_figure(figure, out_path)
 
 
-def _draw_label(tile: np.ndarray, text: str, x: int, y: int, color: tuple[int, int, int]) -> None:
-    """Writes text on a filled box of `color` just above (x, y), or inside the tile at its top."""
-    font, font_scale, thickness = cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1
-    (text_w, text_h), baseline = cv2.getTextSize(text, font, font_scale, thickness)
-    top = y - text_h - baseline - 2 if y - text_h - baseline - 2 >= 0 else y
-    x = min(max(x, 0), max(tile.shape[1] - text_w - 2, 0))
-    cv2.rectangle(tile, (x, top), (x + text_w + 2, top + text_h + baseline + 2), color, -1)
-    # Dark text on light colours, white on dark ones, so every label stays legible.
-    ink = (0, 0, 0) if sum(color) > 400 else (255, 255, 255)
-    cv2.putText(tile, text, (x + 1, top + text_h + 1), font, font_scale, ink, thickness, cv2.LINE_AA)
-
-
-def _draw_boxes(tile: np.ndarray, rows: np.ndarray, labels: Sequence[str], scale: float) -> None:
-    """Draws boxes rows (K, 6) [_, class, x1, y1, x2, y2] (pixels before `scale`) on a tile."""
-    for row, label in zip(rows, labels, strict=True):
-        color = PALETTE[int(row[1]) % len(PALETTE)]
-        x1, y1, x2, y2 = (int(round(v * scale)) for v in row[2:6])
-        cv2.rectangle(tile, (x1, y1), (x2, y2), color, 2)
-        _draw_label(tile, label, x1, y1, color)
-
-
-def _box_labels(classes: np.ndarray, names: Sequence[str], scores: np.ndarray | None) -> list[str]:
-    """'name' or 'name 0.87' per box; a class without a name is shown as its number."""
-    labels = [names[int(c)] if 0 <= int(c) < len(names) else str(int(c)) for c in classes]
-    if scores is None:
-        return labels
-    return [f"{label} {score:.2f}" for label, score in zip(labels, scores, strict=True)]
-
-
 def draw_detections(image_rgb: np.ndarray, boxes_xyxy: Any, classes: Any, names: Sequence[str],
                     scores: Any | None = None) -> np.ndarray:
     """A copy of an image with boxes and 'name score' labels, coloured by class as in plot_batch.
@@ -160,12 +109,12 @@ def draw_detections(image_rgb: np.ndarray, boxes_xyxy: Any, classes: Any, names:
         names: class names.
         scores: optional (K,) confidences shown after the names.
     """
-    boxes = _to_numpy(boxes_xyxy).reshape(-1, 4).astype(np.float64)
-    classes = _to_numpy(classes).reshape(-1)
+    boxes = to_numpy(boxes_xyxy).reshape(-1, 4).astype(np.float64)
+    classes = to_numpy(classes).reshape(-1)
     rows = np.concatenate([np.zeros((len(boxes), 1)), classes[:, None].astype(np.float64), boxes], axis=1)
-    labels = _box_labels(classes, names, None if scores is None else _to_numpy(scores).reshape(-1))
+    labels = box_labels(classes, names, None if scores is None else to_numpy(scores).reshape(-1))
     image = np.ascontiguousarray(image_rgb).copy()
-    _draw_boxes(image, rows, labels, 1.0)
+    draw_boxes(image, rows, labels, 1.0)
     return image
 
 
@@ -184,9 +133,9 @@ def plot_batch(images: Any, targets: Any, names: Sequence[str], out_path: Path, 
     Returns:
         out_path.
     """
-    images = _to_numpy(images)
-    targets = _to_numpy(targets).reshape(-1, 6).astype(np.float64)
-    score_values = None if scores is None else _to_numpy(scores).reshape(-1)
+    images = to_numpy(images)
+    targets = to_numpy(targets).reshape(-1, 6).astype(np.float64)
+    score_values = None if scores is None else to_numpy(scores).reshape(-1)
     num_images = min(len(images), max_images)
     height, width = images.shape[2:]
     num_cols = math.ceil(math.sqrt(max(num_images, 1)))
@@ -199,13 +148,13 @@ def plot_batch(images: Any, targets: Any, names: Sequence[str], out_path: Path, 
         tile = cv2.resize(tile, (tile_w, tile_h), interpolation=cv2.INTER_AREA) if scale < 1 else tile.copy()
         selected = targets[:, 0] == index
         tile_scores = None if score_values is None else score_values[selected]
-        labels = _box_labels(targets[selected, 1], names, tile_scores)
-        _draw_boxes(tile, targets[selected], labels, scale)
+        labels = box_labels(targets[selected, 1], names, tile_scores)
+        draw_boxes(tile, targets[selected], labels, scale)
         cv2.rectangle(tile, (0, 0), (tile_w - 1, tile_h - 1), (255, 255, 255), 1)  # tile border
         top, left = divmod(index, num_cols)
         top, left = top * tile_h, left * tile_w
         mosaic[top:top + tile_h, left:left + tile_w] = tile
-    return _save_image(mosaic, out_path)
+    return save_png(mosaic, out_path)
 
 
 def plot_labels(classes: Any, boxes_xyxy: Any, image_size: int | tuple[int, int], names: Sequence[str],
@@ -222,8 +171,8 @@ def plot_labels(classes: Any, boxes_xyxy: Any, image_size: int | tuple[int, int]
     Returns:
         out_path.
     """
-    classes = _to_numpy(classes).reshape(-1).astype(np.int64)
-    boxes = _to_numpy(boxes_xyxy).reshape(-1, 4).astype(np.float64)
+    classes = to_numpy(classes).reshape(-1).astype(np.int64)
+    boxes = to_numpy(boxes_xyxy).reshape(-1, 4).astype(np.float64)
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     num_classes = max(len(names), int(classes.max()) + 1 if len(classes) else 0)
     counts = np.bincount(classes, minlength=num_classes)

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from detector.errors import DataError
+from detector.evaluate.metrics import coco_results
 from detector.evaluate.plots import draw_detections
 
 
@@ -88,12 +90,11 @@ class Result:
 
     def to_coco(self, image_id: int) -> list[dict]:
         """COCO results entries (as COCO.loadRes reads them): image_id, category_id (the dataset's own id,
-        not the class index), bbox [x, y, width, height] in original pixels, score."""
-        boxes = self.boxes_xyxy.astype(np.float64)
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-        return [{"image_id": int(image_id), "category_id": int(self.category_ids[int(c)]),
-                 "bbox": [round(float(v), 3) for v in box], "score": round(float(s), 5)}
-                for box, s, c in zip(xywh, self.scores, self.classes, strict=True)]
+        not the class index), bbox [x, y, width, height] in original pixels, score; as validation writes them
+        (detector.evaluate.metrics.coco_results)."""
+        boxes, scores, classes = (torch.as_tensor(np.ascontiguousarray(values))
+                                  for values in (self.boxes_xyxy, self.scores, self.classes))
+        return coco_results(boxes, scores, classes, image_id=image_id, category_ids=self.category_ids)
 
 
 def coco_detections(results: Iterable[Result],

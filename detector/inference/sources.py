@@ -207,32 +207,37 @@ def iter_batches(items: Iterable[T], batch: int, max_wait_ms: float | None = Non
         raise ValueError(f"batch must be >= 1, got {batch}")
     ready: queue.Queue = queue.Queue(maxsize=2 * batch)  # bounded: a long video is not read into memory
     stop = threading.Event()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        try:
-            for item in items:
-                if not put((time.monotonic(), transform(item) if transform else item, None)):
-                    return
-        except BaseException as err:  # handed to the consumer, which raises it in its own thread
-            put((time.monotonic(), _END, err))
-            return
-        put((time.monotonic(), _END, None))
-
-    thread = threading.Thread(target=read, name="detector-source", daemon=True)
+    thread = threading.Thread(target=_read_ahead, args=(items, transform, ready, stop), name="detector-source",
+                              daemon=True)
     thread.start()
     try:
         yield from _group(ready, batch, max_wait_ms)
     finally:
         stop.set()  # the reader ends at its next put; a consumer that stops early leaves no thread behind
+
+
+def _read_ahead(items: Iterable, transform: Callable | None, ready: queue.Queue, stop: threading.Event) -> None:
+    """The reading thread: (arrival time, item, None) per item, then (time, _END, the error that ended the items
+    or None). Returns early once `stop` is set."""
+    try:
+        for item in items:
+            if not _put(ready, stop, (time.monotonic(), transform(item) if transform else item, None)):
+                return
+    except BaseException as err:  # handed to the consumer, which raises it in its own thread
+        _put(ready, stop, (time.monotonic(), _END, err))
+        return
+    _put(ready, stop, (time.monotonic(), _END, None))
+
+
+def _put(ready: queue.Queue, stop: threading.Event, entry: tuple) -> bool:
+    """Put `entry` once there is room; False when `stop` was set first."""
+    while not stop.is_set():
+        try:
+            ready.put(entry, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _group(ready: queue.Queue, batch: int, max_wait_ms: float | None) -> Iterator[list]:

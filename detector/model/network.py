@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from detector.assets import models_dir
 from detector.errors import ConfigError
 
 STRIDES = (8, 16, 32)
-SCALE_KEYS = {"scale", "depth", "width", "max_channels", "reg_max"}
+SCALE_KEYS = {"scale", "depth", "width", "max_channels", "reg_max", "family"}
+FAMILIES = ("yolov8", "yolo11")  # yolo11: detector/model/yolo11.py
 
 
 class ConvBlock(nn.Module):
@@ -116,16 +118,21 @@ class Backbone(nn.Module):
 class Neck(nn.Module):
     """PAN: fine levels get coarse context top-down, then coarse levels get fine detail bottom-up."""
 
-    def __init__(self, channels: list[int], depth: int):
+    def __init__(self, channels: list[int], depth: int, block: Callable[[int, int, bool], nn.Module] | None = None,
+                 inputs: tuple[int, int, int] | None = None):
+        """Outputs channels[2:] wide. block(c_in, c_out, last): each merge's block (C2f; YOLO11 hands in its C3k2),
+        `last` the P5 merge; inputs: the backbone's P3-P5 widths when they are not the outputs' (YOLO11)."""
         super().__init__()
-        c3, c4, c5 = channels[2:]
+        block = block or (lambda c_in, c_out, last: C2f(c_in, c_out, depth, shortcut=False))
+        o3, o4, o5 = channels[2:]
+        i3, i4, i5 = inputs or (o3, o4, o5)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.top_down4 = C2f(c5 + c4, c4, depth, shortcut=False)
-        self.top_down3 = C2f(c4 + c3, c3, depth, shortcut=False)
-        self.down3 = ConvBlock(c3, c3, 3, 2)
-        self.bottom_up4 = C2f(c3 + c4, c4, depth, shortcut=False)
-        self.down4 = ConvBlock(c4, c4, 3, 2)
-        self.bottom_up5 = C2f(c4 + c5, c5, depth, shortcut=False)
+        self.top_down4 = block(i5 + i4, o4, False)
+        self.top_down3 = block(o4 + i3, o3, False)
+        self.down3 = ConvBlock(o3, o3, 3, 2)
+        self.bottom_up4 = block(o3 + o4, o4, False)
+        self.down4 = ConvBlock(o4, o4, 3, 2)
+        self.bottom_up5 = block(o4 + i5, o5, True)
 
     def forward(self, p3: torch.Tensor, p4: torch.Tensor, p5: torch.Tensor) -> list[torch.Tensor]:
         t4 = self.top_down4(torch.cat([self.up(p5), p4], dim=1))
@@ -179,18 +186,27 @@ class Detector(nn.Module):
     """
 
     def __init__(self, *, num_classes: int, depth: float = 0.33, width: float = 0.25, max_channels: int = 1024,
-                 reg_max: int = 16, scale: str = "n"):
+                 reg_max: int = 16, scale: str = "n", family: str = "yolov8"):
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"a detector needs at least one class, got num_classes={num_classes}")
+        if family not in FAMILIES:
+            raise ConfigError(f"invalid value family={family!r}: expected one of {', '.join(FAMILIES)}")
         self.model_args = {"num_classes": num_classes, "depth": depth, "width": width,
                            "max_channels": max_channels, "reg_max": reg_max, "scale": scale}
+        if family != "yolov8":  # absent for the default, so checkpoints written before families stay identical
+            self.model_args["family"] = family
         self.num_classes, self.reg_max, self.strides = num_classes, reg_max, STRIDES
         channels = scaled_widths(width, max_channels)
-        depths = [max(round(n * depth), 1) for n in (3, 6)]
-        self.backbone = Backbone(channels, depths)
-        self.neck = Neck(channels, depths[0])
-        self.head = Head(channels[2:], num_classes, reg_max)
+        if family == "yolo11":
+            from detector.model.yolo11 import build_yolo11  # here: yolo11.py builds on this module's blocks
+
+            self.backbone, self.neck, self.head = build_yolo11(channels, depth, scale, num_classes, reg_max)
+        else:
+            depths = [max(round(n * depth), 1) for n in (3, 6)]
+            self.backbone = Backbone(channels, depths)
+            self.neck = Neck(channels, depths[0])
+            self.head = Head(channels[2:], num_classes, reg_max)
         self.head.init_biases(self.strides)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -230,13 +246,15 @@ class Detector(nn.Module):
 
 
 def load_scale(spec: str | Path) -> dict[str, Any]:
-    """Scale multipliers from a name (n, s, m) or a YAML path.
+    """Scale multipliers (and the family, yolov8 unless named) from a name (n..x, yolo11n..yolo11x) or a YAML path.
 
     Raises:
         ConfigError: unknown scale, unreadable file, or unknown keys.
     """
     text = str(spec)
     shipped = models_dir() / f"{text}.yaml"
+    if text.endswith(".yaml") and not Path(text).is_file():  # model=yolo11n.yaml: the shipped yolo11n
+        shipped = models_dir() / text
     path = shipped if shipped.is_file() else Path(text)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in models_dir().glob("*.yaml")))

@@ -1,4 +1,4 @@
-"""Raw outputs -> boxes and scores -> per-image detections after non-maximum suppression."""
+"""Raw outputs -> boxes and scores -> per-image detections after non-maximum suppression -> original pixels."""
 
 from __future__ import annotations
 
@@ -80,3 +80,28 @@ def non_max_suppression(boxes_xyxy: torch.Tensor, scores: torch.Tensor, *, conf:
                 break
         results.append(Detections(candidate_boxes[keep], candidate_scores[keep], cls[keep]))
     return results
+
+
+def letterbox_to_original(boxes_xyxy: torch.Tensor, scale: float | torch.Tensor,
+                          pad: tuple[float, float] | torch.Tensor,
+                          original_size: tuple[int, int] | torch.Tensor) -> torch.Tensor:
+    """Undo the letterbox: boxes in the model's input pixels -> the original image's pixels, clipped to it.
+
+    Validation and predict both map their detections back through this one function, so the boxes they report
+    for the same input are the same.
+
+    Args:
+        boxes_xyxy: float (K, 4) in input pixels, any device.
+        scale: letterbox scale, input = original * scale + pad (a decode at 1/r of the file's size folded in).
+        pad: letterbox (pad_x, pad_y) in input pixels.
+        original_size: (height, width) of the original image.
+
+    Returns:
+        float32 (K, 4) on the CPU, x in [0, width], y in [0, height].
+    """
+    pad_xy = torch.as_tensor(pad, dtype=torch.float32).reshape(2)
+    boxes = (boxes_xyxy.float().cpu() - pad_xy.repeat(2)) / torch.as_tensor(scale, dtype=torch.float32)
+    height, width = (int(side) for side in original_size)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes

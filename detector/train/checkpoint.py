@@ -15,6 +15,7 @@ import torch
 
 from detector.atomic import atomic_write_bytes
 from detector.errors import DetectorError
+from detector.model.peer import load_peer_checkpoint
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -23,7 +24,8 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint without running any code from it.
+    """Read a checkpoint without running any code from it. An Ultralytics detection checkpoint comes back in this
+    package's shape (detector/model/peer.py load_peer_checkpoint).
 
     Raises:
         DetectorError: the file is missing, is not a checkpoint, or holds objects that would need
@@ -38,12 +40,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         refused = _refused_object(err)
-        if refused.startswith("ultralytics."):
-            message = (f"is an Ultralytics checkpoint ({refused}), which this package does not load: train with "
-                       "model=n|s|m, or start from a .pt this package wrote")
-        else:
-            message = (f"was refused: it holds objects other than plain data{f' ({refused})' if refused else ''}; "
-                       "only checkpoints written by this package load")
+        if refused.startswith("ultralytics."):  # an Ultralytics model: its tensors rebuilt without running its code
+            return load_peer_checkpoint(path)
+        message = (f"was refused: it holds objects other than plain data{f' ({refused})' if refused else ''}; "
+                   "only checkpoints written by this package (or Ultralytics detection checkpoints) load")
         raise DetectorError(f"checkpoint {path} {message}") from err
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for files that are no checkpoint
         reason = "the file is empty" if path.stat().st_size == 0 else _first_sentence(err)

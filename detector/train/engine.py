@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass; the orchestration lives in trainer.py."""
+"""One training epoch and its step; validation is detector/evaluate/validate.py, the orchestration trainer.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,12 +17,9 @@ from torch import nn
 from tqdm import tqdm
 
 from detector.autobatch.memory import is_out_of_memory
-from detector.device import autocast, memory_text, prepare_images
-from detector.distributed import unwrap
+from detector.device import autocast, device_ops, memory_text, prepare_images
+from detector.distributed import PeerOutOfMemory, StepAgreement, average_gradients, unwrap
 from detector.errors import DetectorError
-from detector.evaluate.metrics import CONFUSION_CONF, CONFUSION_IOU, DetectionMetrics, paused_gc
-from detector.evaluate.plots import plot_batch, plot_confusion_matrix, plot_pr_curves
-from detector.model.postprocess import Detections, decode, non_max_suppression
 from detector.train.optim import ModelEMA, Schedule
 
 logger = logging.getLogger(__name__)
@@ -63,6 +59,7 @@ class StepContext:
     grad_clip: float = 10.0
     state: LoopState = field(default_factory=LoopState)
     noise: Any = None  # a noise_scale.GradientNoiseProbe to measure the gradient noise scale, or None
+    agreement: StepAgreement | None = None  # under DDP: how the ranks decide each micro-batch together
 
 
 
@@ -81,24 +78,36 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
         DetectorError: after MAX_BAD_STEPS non-finite losses in a row, or when even one image per
             micro-batch does not fit.
     """
+    while True:
+        here = False
+        try:
+            return whole_step(ctx, images, targets)
+        except PeerOutOfMemory as err:
+            traceback.clear_frames(err.__traceback__)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            here = True
+            traceback.clear_frames(err.__traceback__)  # the frames hold the failed step's activations
+        # Outside the except block, so the memory can really be freed.
+        if here and ctx.agreement is not None:
+            ctx.agreement.report_oom()
+        _split_after_oom(ctx, len(images))
+
+
+def whole_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """train_step without the out-of-memory recovery: the batch runs in ctx.state.splits micro-batches or the
+    device's out-of-memory error propagates, with nothing counted. AutoBatch's probe and verification steps run
+    this, so a batch that does not fit is seen as such."""
     state = ctx.state
     accumulate = ctx.schedule.apply(ctx.optimizer, state.iteration)
     # Under DDP, gradients are averaged over the ranks only on the batch before an optimizer step.
     steps_next = state.iteration + 1 - state.last_step >= accumulate
-    no_sync = getattr(ctx.model, "no_sync", None) if not steps_next else None
-    while True:
-        out_of_memory = False
-        try:
-            with no_sync() if no_sync is not None else contextlib.nullcontext():
-                items = _forward_backward(ctx, images, targets)
-        except Exception as err:
-            if not is_out_of_memory(err):
-                raise
-            out_of_memory = True
-            traceback.clear_frames(err.__traceback__)  # the frames hold the failed step's activations
-        if not out_of_memory:
-            break
-        _split_after_oom(ctx, len(images))  # outside the except block, so the memory can really be freed
+    # With a StepAgreement every backward runs under no_sync (a rank that fails mid-backward would leave the
+    # others waiting in DDP's bucket reductions); the window's gradients are averaged before the optimizer step.
+    no_sync = getattr(ctx.model, "no_sync", None) if not steps_next or ctx.agreement is not None else None
+    with no_sync() if no_sync is not None else contextlib.nullcontext():
+        items = _forward_backward(ctx, images, targets)
     window_start = state.iteration == state.last_step  # nothing accumulated before: .grad is this batch's
     state.iteration += 1
     if items is None:
@@ -131,11 +140,15 @@ def _forward_backward(ctx: StepContext, images: torch.Tensor,
             rows = torch.cat([rows[:, :1] - start, rows[:, 1:]], dim=1)  # batch index within the micro-batch
         with autocast(ctx.device, ctx.amp_dtype):
             loss, items = ctx.criterion(ctx.model(part), rows, len(part))
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            ctx.scaler.scale(loss).backward()
+        if ctx.agreement is not None:
+            finite = ctx.agreement.after_backward(finite)
+        if not finite:
             logger.warning("non-finite loss at iteration %d (%s); batch skipped", ctx.state.iteration + 1,
                            {k: round(float(v), 4) for k, v in items.items()})
             return None
-        ctx.scaler.scale(loss).backward()
         for key, value in items.items():
             sums[key] = sums.get(key, 0) + value * len(part)
     return {key: value / len(images) for key, value in sums.items()}
@@ -151,8 +164,7 @@ def _split_after_oom(ctx: StepContext, batch: int) -> None:
     dropped = state.iteration - state.last_step
     state.last_step = state.iteration
     gc.collect()
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()
+    device_ops(ctx.device).empty_cache()
     state.splits *= 2
     state.oom_events.append({"iteration": state.iteration + 1, "micro_batch_before": micro,
                              "micro_batch_after": math.ceil(batch / state.splits), "dropped_batches": dropped})
@@ -163,6 +175,8 @@ def _split_after_oom(ctx: StepContext, batch: int) -> None:
 
 
 def optimizer_step(ctx: StepContext) -> None:
+    if ctx.agreement is not None:
+        average_gradients(ctx.model)
     ctx.scaler.unscale_(ctx.optimizer)
     if ctx.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), max_norm=ctx.grad_clip)
@@ -210,79 +224,3 @@ def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_
             return None
     state.epoch_batches, state.epoch_count, state.epoch_sums = 0, 0, {}
     return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
-
-
-@torch.no_grad()
-def predict_loader(model: nn.Module, loader, *, device: torch.device, category_ids: list[int],
-                   conf: float, iou: float, max_det: int, amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False, progress: bool = True, classes: list[int] | None = None
-                   ) -> tuple[list[dict], list[int]]:
-    """Run the model over a validation loader; returns COCO detections (original pixels) and image ids, of
-    `classes` only when given (the classes= setting).
-
-    Callers pass the model as it should run: Detector.fused_copy() folds BatchNorm into the convolutions
-    (the same outputs up to float rounding; 1.07x faster on CPU, docs/inference.md).
-    """
-    model.eval()
-    detections, image_ids = [], []
-    # The bar erases itself when done: only on a terminal; in a file it would run into the metrics table.
-    bar = tqdm(loader, desc="validating", disable=not progress or not sys.stderr.isatty(), leave=False,
-               dynamic_ncols=True)
-    with paused_gc():
-        for batch in bar:
-            results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=max_det,
-                              amp_dtype=amp_dtype, channels_last=channels_last, classes=classes)
-            for i, result in enumerate(results):
-                image_id = int(batch.image_ids[i])
-                image_ids.append(image_id)
-                detections.extend(to_coco(result, batch.scales[i], batch.pads[i], batch.orig_sizes[i],
-                                          image_id, category_ids))
-    return detections, image_ids
-
-
-def _detect(model: nn.Module, images: torch.Tensor, *, device: torch.device, conf: float, iou: float, max_det: int,
-            amp_dtype: torch.dtype | None, channels_last: bool, classes: list[int] | None = None) -> list[Detections]:
-    """A uint8 batch's detections in its input pixels."""
-    inputs = prepare_images(images, device, channels_last)
-    with autocast(device, amp_dtype):
-        outputs = model(inputs)
-    boxes, scores = decode([o.float() for o in outputs], model.strides, model.reg_max)
-    return non_max_suppression(boxes, scores, conf=conf, iou=iou, max_det=max_det, classes=classes)
-
-
-@torch.no_grad()
-def plot_validation(model: nn.Module, loader, metrics: DetectionMetrics, names: list[str], run_dir: Path, *,
-                    device: torch.device, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-                    conf: float = 0.25, iou: float = 0.7) -> None:
-    """PR_curve.png and confusion_matrix.png from `metrics`, and val_batch0_labels.jpg / val_batch0_pred.jpg:
-    the first validation batch with its ground truth, and with the model's detections scoring at least `conf`
-    (predict's default), to check the model by eye."""
-    plot_pr_curves(metrics.pr50, run_dir / "PR_curve.png")
-    if metrics.confusion is not None:
-        plot_confusion_matrix(metrics.confusion, metrics.confusion_labels, run_dir / "confusion_matrix.png",
-                              title=f"confusion matrix: scores >= {CONFUSION_CONF}, IoU > {CONFUSION_IOU}")
-    model.eval()
-    batch = next(iter(loader))
-    results = _detect(model, batch.images, device=device, conf=conf, iou=iou, max_det=300, amp_dtype=amp_dtype,
-                      channels_last=channels_last)
-    rows = [torch.cat([torch.full((len(r.scores), 1), float(i)), r.classes[:, None].float().cpu(),
-                       r.boxes_xyxy.float().cpu()], dim=1) for i, r in enumerate(results)]
-    plot_batch(batch.images, batch.targets, names, run_dir / "val_batch0_labels.jpg")
-    plot_batch(batch.images, torch.cat(rows), names, run_dir / "val_batch0_pred.jpg",
-               scores=torch.cat([r.scores.float().cpu() for r in results]))
-
-
-def to_coco(result, scale: torch.Tensor, pad: torch.Tensor, orig_size: torch.Tensor, image_id: int,
-            category_ids: list[int]) -> list[dict]:
-    """Map one image's detections from letterboxed input pixels back to the original image, COCO style."""
-    boxes = (result.boxes_xyxy.float().cpu() - pad.repeat(2)) / scale
-    height, width = (int(v) for v in orig_size)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    boxes[:, 2:] -= boxes[:, :2]
-    # Rounded as tensors: value by value in Python this took 2.5 us per detection, and validation at conf 0.001
-    # makes tens of thousands of them per pass (37,810 on coco128 at 320).
-    xywh = torch.round(boxes.double(), decimals=3).tolist()
-    scores = torch.round(result.scores.double().cpu(), decimals=5).tolist()
-    return [{"image_id": image_id, "category_id": category_ids[c], "bbox": box, "score": s}
-            for box, s, c in zip(xywh, scores, result.classes.cpu().tolist(), strict=True) if not math.isnan(s)]

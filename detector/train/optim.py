@@ -39,9 +39,8 @@ def build_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float,
         {"params": norm_weights, "weight_decay": 0.0, "kind": "norm"},
         {"params": biases, "weight_decay": 0.0, "kind": "bias"},
     ]
-    # fused: one kernel per tensor for the whole update, on CPU as on CUDA. At the default nbs the step
-    # runs after every batch; on the nano model's ~180 tensors (2 CPU threads) AdamW's step took 12.7 ms
-    # unfused (its foreach default) and 3.2-4.3 ms fused.
+    # fused: one kernel per tensor for the whole update, on CPU as on CUDA. At the default nbs the step runs
+    # after every batch, so its cost counts on every batch (docs/performance.md).
     if name == "SGD":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, fused=True)
     if name == "AdamW":
@@ -55,9 +54,9 @@ class Schedule:
 
     Warm-up runs for `warmup_iters` iterations: weights' lr rises from 0 and biases' lr falls from
     `warmup_bias_lr` to the scheduled value, and momentum rises from `warmup_momentum`. After warm-up
-    the lr decays per epoch, linearly or along a cosine, to lr0 * lrf. Accumulation stays at
-    `accumulate` throughout, warm-up included, so that every batch size up to the nominal one takes the
-    same optimizer steps (a ramp of accumulation during warm-up gave small batches extra early steps).
+    the lr decays per epoch, linearly or along a cosine, to lr0 * lrf. Accumulation is `accumulate` at
+    every iteration, warm-up included, so every batch size up to the nominal one takes the same
+    optimizer steps.
     """
 
     lr0: float

@@ -1,7 +1,8 @@
 """The steps AutoBatch measures: the real training step (and the validation step), on copies, at the worst
 case training will meet.
 
-`make_probe_step` returns `step(b)`, which runs engine.train_step (forward under the training AMP and
+`make_probe_step` returns `step(b)`, which runs engine.whole_step (the training step without its
+out-of-memory recovery, so a batch that does not fit fails: forward under the training AMP and
 memory format, loss with the real assigner, backward, clipping, optimizer step, EMA update) on a deep
 copy of the model, so the weights being trained never change. Inputs are random but shaped like the
 worst batch: the largest image size and `max_boxes` boxes in every image, because the assigner's memory
@@ -17,7 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from detector.train.engine import StepContext, train_step
+from detector.device import device_ops
+from detector.train.engine import StepContext, whole_step
 from detector.train.optim import ModelEMA, Schedule, build_optimizer
 
 
@@ -72,6 +74,7 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
     if max_boxes < 1 or image_size < 32:
         raise ValueError(f"probe step needs max_boxes >= 1 and image_size >= 32, got {max_boxes}, {image_size}")
     device = torch.device(device)
+    ops = device_ops(device)
     net = copy.deepcopy(model).to(device).train()
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -85,6 +88,7 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
                       channels_last=channels_last, grad_clip=grad_clip)
 
     def step(batch: int) -> None:
+        ctx.optimizer.zero_grad(set_to_none=True)  # a step that ran out of memory may have left gradients
         if inputs is not None:
             images, targets = inputs(batch)
         else:
@@ -94,10 +98,9 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
                                    generator=generator)
             targets = worst_case_targets(batch, image_size=image_size, max_boxes=max_boxes,
                                          num_classes=num_classes, generator=generator)
-        if train_step(ctx, images, targets) is None:
+        if whole_step(ctx, images, targets) is None:
             raise RuntimeError("AutoBatch probe step: the loss was not finite, so backward was not measured")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the caller's clock must see the whole step
+        ops.synchronize()  # the caller's clock must see the whole step
 
     return step
 

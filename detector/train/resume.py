@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from detector.config import convert, load_defaults, make_config
+from detector.config import check_values, convert, load_defaults
 from detector.errors import ConfigError
 from detector.train.checkpoint import load_checkpoint
 
@@ -43,8 +43,9 @@ def resume_checkpoint(overrides: dict[str, Any]) -> tuple[dict | None, dict[str,
                           f"with N > {checkpoint['epoch']} to train it longer, or start a new run")
     fixed = {key: value for key, value in overrides.items() if key not in (*CHANGEABLE, *LOCATING)
              and not (key == "model" and str(value).endswith(".pt"))}  # the checkpoint itself, as the API passes it
-    configured, requested = make_config(settings).to_dict(), make_config(settings, fixed).to_dict()
-    ignored = {key: value for key, value in fixed.items() if requested[key] != configured[key]}
+    requested, defaults = check_values(fixed), load_defaults()
+    ignored = {key: fixed[key] for key, value in requested.items()
+               if value != convert(key, settings.get(key, defaults[key]))}
     if ignored:
         logger.warning("resume continues the run as it was configured; ignored %s (only %s can change)",
                        " ".join(f"{k}={v}" for k, v in ignored.items()), ", ".join(CHANGEABLE))

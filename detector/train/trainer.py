@@ -3,18 +3,18 @@
 data card -> datasets -> model -> loss -> batch plan -> optimizer/schedule/EMA -> loaders -> epochs
 (train_one_epoch, evaluate, results.csv, checkpoints, plots) -> final metrics.
 
-Under torchrun every rank runs this with its share of each batch (see distributed.py); rank 0 alone
-writes the run folder and validates.
+Each stage is built in train/build.py; what checkpoints hold is train/run_state.py, results.csv
+train/history.py. Under torchrun every rank runs this with its share of each batch (see distributed.py);
+rank 0 alone writes the run folder and validates.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -24,113 +24,72 @@ import yaml
 
 from detector import distributed
 from detector.atomic import atomic_write_text
-from detector.config import Config, check_keys, class_indices, load_defaults, make_config
 from detector.data.augment import round_image_size
-from detector.data.cards import DataCard, load_data_card
-from detector.data.coco import CocoDataset
-from detector.data.loader import AUGMENT_KEYS, build_dataloader, set_epoch
-from detector.device import amp_dtype_for, select_device, set_threads
-from detector.evaluate.metrics import DetectionMetrics, coco_evaluate, load_ground_truth
-from detector.evaluate.plots import plot_batch, plot_labels, plot_results
-from detector.model.loss import DetectionLoss
-from detector.model.network import Detector, build_model
-from detector.runs import make_run_dir, setup_logging
-from detector.train.checkpoint import (
-    load_checkpoint,
-    pending_gradients,
-    restore_gradients,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+from detector.data.loader import AUGMENT_KEYS, TrainSampling, build_dataloader, set_epoch
+from detector.device import select_device
+from detector.evaluate import validate
+from detector.evaluate.metrics import DetectionMetrics, load_ground_truth
+from detector.evaluate.plots import plot_batch, plot_labels
+from detector.runs import log_run, make_run_dir
+from detector.train.build import (
+    build_criterion,
+    build_datasets,
+    build_detector,
+    build_step_context,
+    resolve_config,
+    set_up_process,
+    worst_case_boxes,
 )
-from detector.train.engine import LoopState, StepContext, plot_validation, predict_loader, train_one_epoch
+from detector.train.checkpoint import load_checkpoint, save_checkpoint
+from detector.train.engine import train_one_epoch
+from detector.train.history import epoch_row, write_history
 from detector.train.interrupt import StopRequest
-from detector.train.optim import ModelEMA, Schedule, build_optimizer
-from detector.train.plan import Plan, auto_batch, make_plan
-from detector.train.resume import resume_checkpoint
+from detector.train.plan import Plan, auto_batch, make_plan, record_first_epoch, watch_first_epoch
+from detector.train.probe import make_probe_step
+from detector.train.run_state import restore_training_state, save_epoch, training_state
 
 logger = logging.getLogger(__name__)
 
 
-def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | None, dict | None]:
-    """Merge defaults < data card < checkpoint args (resume) < user overrides.
-
-    Returns the config, the data card, on resume the checkpoint to continue from, and otherwise the model=<.pt>
-    checkpoint to start from (each read once).
-    """
-    select_device(make_config(overrides).device)  # fail on a bad value before any data is touched
-    checkpoint, ckpt_args, overrides = resume_checkpoint(overrides)
-    model = str(overrides.get("model", ""))
-    # An unusable file fails here, before the data card fetches, converts or scans anything.
-    start = load_checkpoint(model) if checkpoint is None and model.endswith(".pt") else None
-    data_spec = overrides.get("data", ckpt_args.get("data", load_defaults()["data"]))
-    card = load_data_card(str(data_spec))
-    check_keys(card.settings, source=f"key in data card {data_spec}:")  # a card's other keys are settings
-    config = make_config(card.settings, ckpt_args, overrides)
-    if checkpoint is None and start is None and config.model.endswith(".pt"):
-        start = load_checkpoint(config.model)  # named by the data card
-    return config, card, checkpoint, start
-
-
-def build_detector(config: Config, num_classes: int, checkpoint: dict | None, start: dict | None) -> Detector:
-    """The resumed run's model (`checkpoint`), one initialised from the model=<.pt> `start`, or a fresh one."""
-    if checkpoint is not None:  # its own shape and weights, whether or not the file it started from is still there
-        model = Detector(**checkpoint["model_args"])
-        model.load_state_dict(checkpoint["raw_model"])
-    elif start is not None:
-        model = Detector(**{**start["model_args"], "num_classes": num_classes})
-        state = {k: v for k, v in start["model"].items() if k in model.state_dict()
-                 and v.shape == model.state_dict()[k].shape}
-        model.load_state_dict(state, strict=False)
-        logger.info("initialised %d/%d tensors from %s", len(state), len(model.state_dict()), config.model)
-    else:
-        model = build_model(config.model, num_classes)
-    if config.freeze:
-        frozen = model.freeze(config.freeze)
-        logger.info("freeze=%d: %d of %d parameters stay as they start", config.freeze, frozen,
-                    sum(p.numel() for p in model.parameters()))
-    # channels_last: NHWC weights as well as inputs, so oneDNN (CPU) and cuDNN skip a reorder per convolution.
-    return model.to(memory_format=torch.channels_last) if config.channels_last else model
-
-
 class Trainer:
-    """One training run: set up every stage from the config, then fit()."""
+    """One training run: set up every stage from the config, then fit().
 
-    def __init__(self, overrides: dict[str, Any], progress: bool = True):
+    What a study of runs (detector/benchmark.py) reads besides fit()'s metrics: `config`, `plan`, `device`,
+    `train_size`, `rows` (results.csv), `ctx.noise` (the noise probe handed in), and `measured_step()`.
+    """
+
+    def __init__(self, overrides: dict[str, Any], progress: bool = True, noise: Any = None):
+        """`noise`: a train.noise_scale.GradientNoiseProbe that observes every batch, or None."""
         self.config, self.card, checkpoint, start = resolve_config(overrides)
+        config = self.config
         # Rounded once, so every stage (the RAM cache included) works at the size training uses, warned once.
-        self.config = config = replace(self.config, imgsz=round_image_size(self.config.imgsz))
+        self.image_size = round_image_size(config.imgsz)
         self.device = distributed.setup(select_device(config.device))
         self.world, self.main = distributed.world_size(), distributed.is_main()
         self.progress = progress and self.main
-        threads = set_threads(config.threads)
-        torch.manual_seed(config.seed)
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
+        threads = set_up_process(config)
         # Data first: a broken dataset fails here, before a run folder exists.
-        self.classes = class_indices(config.classes, self.card.names)
-        labels = {"skip_bad_images": config.skip_bad_images, "single_cls": config.single_cls, "classes": self.classes}
-        cache = config.cache if config.cache == "auto" else config.cache == "true"
-        self.train_data = CocoDataset(self.card.train_images, self.card.train_json, image_size=config.imgsz,
-                                      cache=cache, **labels)
-        self.val_data = CocoDataset(self.card.val_images, self.card.val_json, **labels)
+        self.train_data, self.val_data, self.classes = build_datasets(config, self.card, self.image_size)
         self.names = self.train_data.names
         self.train_size = max(math.ceil(len(self.train_data) * config.fraction), 1)
         self.model = build_detector(config, len(self.names), checkpoint, start).to(self.device)
-        self.criterion = DetectionLoss(num_classes=len(self.names), strides=self.model.strides,
-                                       reg_max=self.model.reg_max, box_gain=config.box,
-                                       cls_gain=config.cls, dfl_gain=config.dfl, world_size=self.world,
-                                       all_reduce=torch.distributed.all_reduce if self.world > 1 else None)
+        self.criterion = build_criterion(config, self.model, self.world)
 
         self.run_dir = Path(config.resume).parents[1] if checkpoint is not None else distributed.on_main(
             make_run_dir, config.project, config.name, config.exist_ok)
         self.weights_dir = self.run_dir / "weights"
         if self.main:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(self.run_dir / "train.log" if self.main else None, verbose=self.main)
+        # Rank 0 narrates the run, on the console and in its train.log; the other ranks warn only.
+        log_run(self.run_dir / "train.log" if self.main else None, verbose=self.main)
+        self.autobatch = None  # AutoBatch's (training, validation) decisions when it chose the batch now
         self.plan = self._plan(threads, checkpoint)
-        self.ctx = self._step_context()
+        self.model, self.ctx = build_step_context(config, self.plan, self.model, self.criterion, self.device,
+                                                  self.world)
+        self.ctx.noise = noise
+        self.about = {"config": config.to_dict(), "plan": asdict(self.plan),
+                      "model_args": dict(self.model.model_args), "names": list(self.names),
+                      "category_ids": list(self.train_data.category_ids)}  # the same in every checkpoint
         self.start_epoch, self.best_fitness, self.rows = 0, -1.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -150,63 +109,49 @@ class Trainer:
             # A resumed run keeps its global batch (the schedule counts batches, and its accumulation rests
             # on it), whatever the number of ranks now.
             saved = checkpoint["plan"]
-            distributed.rank_batch(saved["batch"], world)
-            return make_plan(config, self.device, threads, self.train_size, saved["batch"], saved["batch_source"],
-                             saved["val_batch"], world_size=world)
+            return make_plan(config, self.device, threads, image_size=self.image_size, train_size=self.train_size,
+                             batch=saved["batch"], batch_source=saved["batch_source"], val_batch=saved["val_batch"],
+                             world_size=world)
         if config.auto_batch_fraction is None:
-            distributed.rank_batch(int(config.batch), world)
-            return make_plan(config, self.device, threads, self.train_size, int(config.batch), world_size=world)
-        train, val = auto_batch(config, self.model, self.criterion, device=self.device, num_classes=len(self.names),
-                                max_boxes=self.train_data.max_boxes, train_size=math.ceil(self.train_size / world),
-                                val_size=len(self.val_data), run_dir=self.run_dir, save=self.main)
-        per_rank = distributed.agree_on_batch(train.batch)
-        return make_plan(config, self.device, threads, self.train_size, per_rank * world, train.decided_by,
-                         val.batch, world_size=world)
+            return make_plan(config, self.device, threads, image_size=self.image_size, train_size=self.train_size,
+                             batch=int(config.batch), world_size=world)
+        self.autobatch = train, val = auto_batch(
+            config, self.model, self.criterion, device=self.device, image_size=self.image_size,
+            num_classes=len(self.names), max_boxes=worst_case_boxes(self.train_data, config.mosaic), world_size=world,
+            train_size=math.ceil(self.train_size / world), val_size=len(self.val_data), run_dir=self.run_dir,
+            save=self.main)
+        per_rank = distributed.agree_on_batch(train.batch, self.device)
+        return make_plan(config, self.device, threads, image_size=self.image_size, train_size=self.train_size,
+                         batch=per_rank * world, batch_source=train.decided_by, val_batch=val.batch, world_size=world)
 
-    def _step_context(self) -> StepContext:
-        config, plan = self.config, self.plan
-        self.model, ranked_model = distributed.wrap_model(self.model, self.device, self.world, plan.batch // self.world,
-                                                     config.sync_bn)
-        optimizer = build_optimizer(self.model, name=plan.optimizer, lr=plan.lr0, momentum=config.momentum,
-                                    weight_decay=plan.weight_decay)
-        iters_per_epoch = math.ceil(self.train_size / plan.batch)
-        schedule = Schedule(lr0=plan.lr0, lrf=config.lrf, epochs=config.epochs, iters_per_epoch=iters_per_epoch,
-                            warmup_iters=plan.warmup_iters, warmup_bias_lr=config.warmup_bias_lr,
-                            warmup_momentum=config.warmup_momentum, momentum=config.momentum,
-                            accumulate=plan.accumulate, cosine=config.cos_lr)
-        amp_dtype = amp_dtype_for(config.amp, self.device)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
-        return StepContext(model=ranked_model, criterion=self.criterion, optimizer=optimizer, schedule=schedule,
-                           scaler=scaler, ema=ModelEMA(self.model) if config.ema else None, device=self.device,
-                           amp_dtype=amp_dtype, channels_last=config.channels_last,
-                           grad_clip=config.grad_clip)
+    def measured_step(self, inputs: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
+                      ) -> Callable[[int], None]:
+        """This run's training step on model copies, as AutoBatch measures it: on `inputs(b)` or the worst case."""
+        config = self.config
+        return make_probe_step(self.model, self.criterion, image_size=self.plan.image_size,
+                               max_boxes=max(worst_case_boxes(self.train_data, config.mosaic), 1),
+                               num_classes=len(self.names),
+                               device=self.device, amp_dtype=self.ctx.amp_dtype, channels_last=config.channels_last,
+                               optimizer_name=self.plan.optimizer, ema=config.ema, grad_clip=config.grad_clip,
+                               seed=config.seed, inputs=inputs)
 
     def _restore(self, checkpoint: dict) -> None:
-        self.ctx.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.ctx.scaler.load_state_dict(checkpoint["scaler"])
-        if self.ctx.ema is not None:
-            self.ctx.ema.module.load_state_dict(checkpoint["model"])
-            self.ctx.ema.updates = checkpoint["ema_updates"]
-        self.ctx.state = LoopState(**checkpoint["loop"])
-        self.start_epoch = checkpoint["epoch"]
-        self.best_fitness = checkpoint["best_fitness"]
+        restore_training_state(self.ctx, self.model, checkpoint)
+        self.start_epoch, self.best_fitness = checkpoint["epoch"], checkpoint["best_fitness"]
         self.rows = list(checkpoint["rows"])
-        set_rng_state(checkpoint["rng"])
-        restore_gradients(self.model, checkpoint.get("grads", {}))
         logger.info("resuming %s from epoch %d%s", self.run_dir, self.start_epoch + 1,
                     f", batch {self.ctx.state.epoch_batches + 1}" if self.ctx.state.epoch_batches else "")
 
     def loader(self, train: bool, mosaic: bool = True):
         """The training (augmented, shuffled) or validation (letterboxed) DataLoader of this run."""
-        config = self.config
-        augment = {k: getattr(config, k) for k in AUGMENT_KEYS}
-        dataset = self.train_data if train else self.val_data
-        return build_dataloader(dataset, train=train, image_size=self.plan.image_size,
-                                batch_size=self.plan.batch // self.world if train else self.plan.val_batch,
-                                workers=config.workers, seed=config.seed,
-                                augment=augment, mosaic=mosaic, device=self.device,
-                                fraction=config.fraction if train else 1.0, rank=distributed.rank(),
-                                world_size=self.world)
+        config, plan = self.config, self.plan
+        if not train:
+            return build_dataloader(self.val_data, train=False, image_size=plan.image_size, batch_size=plan.val_batch,
+                                    workers=config.workers, seed=config.seed, device=self.device)
+        sampling = TrainSampling(augment={k: getattr(config, k) for k in AUGMENT_KEYS}, mosaic=mosaic,
+                                 fraction=config.fraction, rank=distributed.rank(), world_size=self.world)
+        return build_dataloader(self.train_data, train=True, image_size=plan.image_size, batch_size=plan.rank_batch,
+                                workers=config.workers, seed=config.seed, device=self.device, sampling=sampling)
 
     def fit(self) -> dict[str, float]:
         """Train for the remaining epochs; returns the metrics of best.pt on the validation set.
@@ -231,12 +176,15 @@ class Trainer:
                 logger.info("closing mosaic for the last %d epochs", epochs - epoch)
                 mosaic, train_loader = False, self.loader(True, mosaic=False)
             set_epoch(train_loader, epoch, skip_batches=self.ctx.state.epoch_batches)
+            watch = self.autobatch is not None and epoch == 0 and watch_first_epoch(self.device)
             start = time.perf_counter()
             losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,
                                      image_size=self.plan.image_size, progress=self.progress,
                                      stop=self._stop_requested)
             if losses is None:
                 self._stop_here(epoch)
+            if watch:
+                record_first_epoch(self.autobatch, self.device, self.run_dir / "autobatch.json", save=self.main)
             train_time = time.perf_counter() - start
             metrics, improved = None, False
             if self.main and (config.val or epoch == epochs - 1):
@@ -276,75 +224,28 @@ class Trainer:
     def evaluate(self, loader, final: bool = False) -> DetectionMetrics:
         """COCO metrics of the EMA weights, Conv+BN fused; `final` adds the per-class table and, with plots, images."""
         model = (self.ctx.ema.module if self.ctx.ema is not None else self.model).fused_copy(self.ctx.channels_last)
-        detections, image_ids = predict_loader(
-            model, loader, device=self.device, category_ids=self.val_data.category_ids, conf=self.config.conf,
-            iou=self.config.iou, max_det=self.config.max_det, amp_dtype=self.ctx.amp_dtype,
-            classes=self.val_data.classes,
-            channels_last=self.ctx.channels_last, progress=self.progress)
-        names = dict(zip(self.val_data.category_ids, self.val_data.names, strict=True))
-        metrics = coco_evaluate(self.ground_truth, detections, image_ids, names, confusion=final)
-        for line in metrics.table(per_class=final):
-            logger.info(line)
-        if final and self.config.plots:
-            plot_validation(model, loader, metrics, self.names, self.run_dir, device=self.device,
-                            amp_dtype=self.ctx.amp_dtype, channels_last=self.ctx.channels_last)
-        return metrics
+        return validate.evaluate(model, loader, self.ground_truth, dataset=self.val_data, device=self.device,
+                                 conf=self.config.conf, iou=self.config.iou, max_det=self.config.max_det,
+                                 amp_dtype=self.ctx.amp_dtype, channels_last=self.ctx.channels_last,
+                                 progress=self.progress, final=final,
+                                 plot_dir=self.run_dir if self.config.plots else None).metrics
 
     def _record(self, epoch: int, losses: dict[str, float], metrics: DetectionMetrics | None, train_time: float,
                 epoch_time: float) -> None:
-        """Append one row to results.csv (rewritten atomically) and redraw results.png.
-
-        An epoch without validation leaves its metric cells blank.
-        """
-        measured = metrics.as_row() if metrics is not None else dict.fromkeys(DetectionMetrics().as_row(), "")
-        row = {"epoch": epoch + 1, "time": round(epoch_time, 2), "train_time": round(train_time, 2),
-               **{k: round(v, 5) for k, v in losses.items()},
-               **{k: v if v == "" else round(v, 5) for k, v in measured.items()},
-               "lr": round(self.ctx.optimizer.param_groups[0]["lr"], 7),
-               "optimizer_steps": self.ctx.state.optimizer_steps}
-        self.rows.append(row)
-        buffer = io.StringIO()
-        # An epoch whose every batch was skipped (non-finite losses) has no loss columns: they stay blank.
-        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(key for r in self.rows for key in r)))
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.run_dir / "results.csv", buffer.getvalue())
-        if self.ctx.state.oom_events:
-            atomic_write_text(self.run_dir / "oom_events.json", json.dumps(self.ctx.state.oom_events, indent=1))
-        if self.config.plots:
-            plot_results(self.run_dir / "results.csv", self.run_dir / "results.png")
+        """Append the epoch's row to results.csv (rewritten atomically) and redraw results.png."""
+        self.rows.append(epoch_row(epoch, losses, metrics, train_time=train_time, epoch_time=epoch_time,
+                                   lr=self.ctx.optimizer.param_groups[0]["lr"],
+                                   optimizer_steps=self.ctx.state.optimizer_steps))
+        write_history(self.run_dir, self.rows, oom_events=self.ctx.state.oom_events, plots=self.config.plots)
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
-        ema = self.ctx.ema
-        return {
-            "epoch": epoch + 1,
-            "model": (ema.module if ema is not None else self.model).state_dict(),
-            "raw_model": self.model.state_dict(),
-            "ema_updates": ema.updates if ema is not None else 0,
-            "optimizer": self.ctx.optimizer.state_dict(),
-            "scaler": self.ctx.scaler.state_dict(),
-            "loop": asdict(self.ctx.state),
-            "best_fitness": self.best_fitness,
-            "rows": self.rows,
-            "rng": rng_state(),
-            "grads": pending_gradients(self.model),
-            "config": self.config.to_dict(),
-            "plan": asdict(self.plan),
-            "model_args": dict(self.model.model_args),
-            "names": list(self.names),
-            "category_ids": list(self.train_data.category_ids),
-        }
+        """This run's checkpoint after `epoch` (0-based) as plain data (train/run_state.py)."""
+        return training_state(self.ctx, self.model, epoch=epoch, best_fitness=self.best_fitness, rows=self.rows,
+                              about=self.about)
 
     def _save(self, epoch: int, improved: bool) -> None:
-        state = self.checkpoint_state(epoch)
-        save_checkpoint(self.weights_dir / "last.pt", state)
-        if self.config.save_period and (epoch + 1) % self.config.save_period == 0:
-            save_checkpoint(self.weights_dir / f"epoch{epoch + 1}.pt", state)  # resumable, as last.pt
-        if improved:
-            # best.pt is for inference: drop what only resuming needs.
-            inference = {k: v for k, v in state.items()
-                         if k not in ("raw_model", "optimizer", "scaler", "rng", "grads")}
-            save_checkpoint(self.weights_dir / "best.pt", inference)
+        save_epoch(self.weights_dir, self.checkpoint_state(epoch), save_period=self.config.save_period,
+                   improved=improved)
 
     def _stop_requested(self) -> bool:
         """Whether a signal arrived, on any rank: under DDP all ranks stop after the same batch."""
@@ -390,7 +291,6 @@ def train(overrides: dict[str, Any], progress: bool = True) -> dict[str, float]:
 
     device=0,1 (several GPUs) outside torchrun launches one rank per GPU with torchrun and waits for them.
     """
-    setup_logging()
     if "," in str(overrides.get("device", "")) and distributed.world_size() == 1:
         return distributed.launch_ranks(overrides)
     try:
