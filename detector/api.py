@@ -19,8 +19,9 @@ from detector.data.loader import build_dataloader
 from detector.device import select_device, set_threads
 from detector.errors import ConfigError, DataError, DetectorError
 from detector.evaluate.metrics import load_ground_truth
+from detector.evaluate.results_file import evaluate_predictions
 from detector.evaluate.validate import evaluate
-from detector.inference.export import ONNX_OPSET, OnnxForward, export_onnx
+from detector.inference.export import LAYOUTS, ONNX_OPSET, OnnxForward, export_onnx
 from detector.inference.predict import STREAM_MAX_BATCH, Forward, TorchForward, inference_batch, predict
 from detector.inference.results import Result
 from detector.inference.sources import count_frames
@@ -77,18 +78,22 @@ class Model:
         self._load(str(Path(metrics["run_dir"]) / "weights" / "best.pt"))
         return metrics
 
-    def val(self, split: str = "val", *, save_json: str | Path | None = None, **overrides: Any) -> dict[str, float]:
+    def val(self, split: str = "val", *, save_json: str | Path | None = None, predictions: str | Path | None = None,
+            **overrides: Any) -> dict[str, float]:
         """COCO mAP of a trained model on a split of `data` (default: the data it trained on): val, test (a card's
         `test:` folder) or train.
 
         batch=N validates N images per step; batch=-1 (or a fraction) lets AutoBatch size the step from
         forward-only samples. The model runs with Conv+BN fused. save_json: write the detections scored, in COCO's
         results format (the dataset's image and category ids, boxes x, y, w, h in original pixels), to this file.
+        predictions: score this COCO results file (any tool's) instead; no model runs, so Model().val works too.
         """
+        setup_logging()
+        if predictions is not None:
+            return self._val_predictions(split, predictions, save_json, overrides)
         self._require_weights("val")
         if save_json is not None:
             check_file_path(Path(save_json))  # before the pass, not after it
-        setup_logging()
         config = make_config({**self.checkpoint["config"], "resume": False, **overrides})
         card = load_data_card(config.data)
         images, annotation_json = split_files(card, split)
@@ -118,6 +123,20 @@ class Model:
                     metrics.map50, metrics.precision, metrics.recall, len(result.image_ids), batch)
         return {**metrics.as_row(), "fitness": metrics.fitness}
 
+    def _val_predictions(self, split: str, predictions: str | Path, save_json: str | Path | None,
+                         overrides: dict[str, Any]) -> dict[str, float]:
+        """val(predictions=...): the file's detections scored on `data` (default: this model's) as they are."""
+        config = make_config({**(self.checkpoint or {}).get("config", {}), "resume": False, **overrides})
+        unused = sorted({*overrides, *(["save_json"] * (save_json is not None))} - {"data", "classes", "single_cls"})
+        if unused:
+            raise ConfigError(f"val predictions= scores the file's detections as they are: {', '.join(unused)} "
+                              "cannot apply; give only data, classes or single_cls")
+        if "data" not in overrides and self.checkpoint is None:
+            raise ConfigError("val predictions= needs data=<data card or COCO JSON> to score the detections against")
+        metrics = evaluate_predictions(config.data, predictions, split=split, classes=config.classes,
+                                       single_cls=config.single_cls).metrics
+        return {**metrics.as_row(), "fitness": metrics.fitness}
+
     def predict(self, source, *, imgsz: int | None = None, batch: float = 8, max_wait_ms: float | None = None,
                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300, classes=None, device: str = "",
                 save_dir: str | Path | None = None, save_txt: str | Path | None = None,
@@ -129,7 +148,8 @@ class Model:
 
         Args:
             source: see inference/sources.py (e.g. "img.jpg", "dir/", "*.jpg", "clip.mp4", an (H, W, 3)
-                BGR array, a generator of arrays).
+                BGR array, a generator of arrays). An unreadable file is skipped with a warning when found in a
+                folder or glob, an error when named; a file cut short warns and gives a Result with incomplete=True.
             imgsz: letterbox size (default: the training size; an ONNX model's export size): the longest side of
                 each frame's input, which is the smallest multiples of 32 around the frame (an ONNX model's is
                 imgsz x imgsz, fixed at export).
@@ -175,7 +195,7 @@ class Model:
         return TorchForward(self._fused_model(device), device), self.names, list(self.checkpoint["category_ids"])
 
     def export(self, format: str = "onnx", *, imgsz: int | None = None, file: str | Path | None = None,
-               opset: int = ONNX_OPSET) -> Path:
+               opset: int = ONNX_OPSET, layout: str = "detector") -> Path:
         """Write the model as ONNX: Conv+BN fused, decoding in the graph, a dynamic batch axis, and the
         metadata (names, category_ids, imgsz, stride) in the file; see inference/export.py for the graph.
 
@@ -184,6 +204,8 @@ class Model:
             imgsz: input size (default: the training size); fixed in the file, as the anchors are.
             file: where to write (default: beside the checkpoint, same name, .onnx).
             opset: ONNX opset version.
+            layout: "detector": boxes_xyxy (B, A, 4), scores (B, A, C); "yolov8": one output (B, 4 + C, A), box cx,
+                cy, w, h then class scores, with the metadata YOLOv8 deployment tools read. predict reads both.
 
         Returns:
             The path written.
@@ -191,11 +213,13 @@ class Model:
         self._require_weights("export")
         if str(format).lower() != "onnx":
             raise ConfigError(f"invalid value format={format!r}: export writes onnx only")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"invalid value layout={layout!r}: expected {' or '.join(LAYOUTS)}")
         image_size = round_image_size(make_config({"imgsz": imgsz or self._trained_size()}).imgsz)
         path = Path(file) if file is not None else Path(self.spec).with_suffix(".onnx")
         path = export_onnx(self.detector, path, image_size=image_size, names=self.names,
-                           category_ids=list(self.checkpoint["category_ids"]), opset=opset)
-        logger.info("export: wrote %s (ONNX opset %d, imgsz %d, dynamic batch)", path, opset, image_size)
+                           category_ids=list(self.checkpoint["category_ids"]), opset=opset, layout=layout)
+        logger.info("export: wrote %s (ONNX opset %d, %s layout, imgsz %d)", path, opset, layout, image_size)
         return path
 
     def info(self, imgsz: int = 640) -> dict[str, float]:

@@ -14,9 +14,10 @@ from detector.runs import setup_logging
 
 USAGE = """usage: detector train [key=value ...]      train (python train.py is the same)
        detector val model=best.pt [data=... split=val|test|train save_json=FILE]   COCO mAP of a checkpoint
+       detector val data=... predictions=FILE.json [split=val classes=0,2]   COCO mAP of any tool's COCO results
        detector predict model=best.pt source=PATH [conf=0.25 batch=8 max_wait_ms=50 save_dir=DIR save_txt=DIR
                                                     classes=0,2]
-       detector export model=best.pt [imgsz=640 file=best.onnx]   ONNX, dynamic batch (needs detector[export])
+       detector export model=best.pt [imgsz=640 file=best.onnx layout=detector|yolov8]   ONNX (detector[export])
        detector benchmark batches=2,4,8,16,-1 [key=value ...]   what batch size does to speed, memory, mAP
        detector convert images=DIR labels=DIR out=FILE.json names=data.yaml   YOLO txt -> COCO JSON
        detector help                          every setting with its default
@@ -103,16 +104,21 @@ def _inference(command: str, argv: list[str]) -> int:
 
     _require_key_value(argv, command)
     args = {k: v for k, v in (a.partition("=")[::2] for a in argv)}
-    if "model" not in args:
+    scoring_a_file = command == "val" and "predictions" in args  # another tool's detections: no model runs
+    if "model" not in args and not scoring_a_file:
         onnx = " or an exported .onnx" if command == "predict" else ""
-        raise DetectorError(f"{command} needs model=<path to a .pt checkpoint{onnx}>")
-    model = Model(args.pop("model"))
+        other = " (or predictions=<COCO results JSON> with data=)" if command == "val" else ""
+        raise DetectorError(f"{command} needs model=<path to a .pt checkpoint{onnx}>{other}")
+    model = Model(args.pop("model")) if "model" in args else Model()
     if command == "val":
         split, save_json = args.pop("split", "val"), args.pop("save_json", None)
-        model.val(split, save_json=save_json, **parse_cli([f"{k}={v}" for k, v in args.items()]))
+        predictions = args.pop("predictions", None)  # like save_json, val's own argument, not a setting
+        model.val(split, save_json=save_json, predictions=predictions,
+                  **parse_cli([f"{k}={v}" for k, v in args.items()]))
         return 0
     if command == "export":
-        print(f"wrote {model.export(**_pairs([f'{k}={v}' for k, v in args.items()], {'imgsz', 'file'}, command))}")
+        options = _pairs([f"{k}={v}" for k, v in args.items()], {"imgsz", "file", "layout"}, command)
+        print(f"wrote {model.export(**options)}")
         return 0
     options = _pairs([f"{k}={v}" for k, v in args.items()], {"source", "conf", "iou", "imgsz", "batch", "max_det",
                                                               "max_wait_ms", "save_dir", "save_txt", "device",

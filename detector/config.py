@@ -70,7 +70,9 @@ class Config:
     fliplr: float
     flipud: float
     mosaic: float
+    mixup: float
     close_mosaic: int
+    multi_scale: float
     val: bool
     conf: float
     iou: float
@@ -82,6 +84,7 @@ class Config:
     save_period: int
     resume: str
     plots: bool
+    tensorboard: bool
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,7 +123,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "nbs": (lambda v: v >= 1, "an integer >= 1"),
     "lr_policy": (lambda v: v in LR_POLICIES, "one of " + ", ".join(LR_POLICIES)),
     "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "close_mosaic": (lambda v: v >= 0, "an integer >= 0"),
+    "close_mosaic": (lambda v: v >= 0, "an integer >= 0 (0 = mosaic and mixup to the end)"),
+    "multi_scale": (lambda v: 0 <= v < 1, "a number in [0, 1): batch sides from imgsz x [1 - f, 1 + f] (0 = off)"),
     "conf": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "iou": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "max_det": (lambda v: v >= 1, "an integer >= 1"),
@@ -136,7 +140,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 for _key in ("box", "cls", "dfl"):
     _CHECKS[_key] = (lambda v: 0 <= v <= 100, "a number in [0, 100]")
-for _key in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "flipud", "mosaic"):
+for _key in ("hsv_h", "hsv_s", "hsv_v", "translate", "scale", "fliplr", "flipud", "mosaic", "mixup"):
     _CHECKS[_key] = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 

@@ -28,6 +28,8 @@ def convert_value(key: str, value: Any, kind: str) -> Any:
         if key == "classes":  # a list (Python, YAML) or "0,2" / "[0,2]" (command line) -> "0,2"
             items = value if isinstance(value, list | tuple) else [] if value is None else [value]
             return ",".join(str(item).strip(" []") for item in items)
+        if key == "multi_scale" and str(value).strip().lower() in ("true", "false"):
+            return 0.5 if str(value).strip().lower() == "true" else 0.0  # the peer's older boolean form: +/- 50%
         if key == "resume":
             return "" if value in (False, None) or str(value).lower() in _FALSE else str(value)
         if kind == "bool":

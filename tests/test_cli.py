@@ -137,7 +137,7 @@ def test_inference_and_convert_arguments_must_be_known_key_value_pairs(coco8_che
     line = _one_error_line(run_detector("val", f"model={coco8_checkpoint}", f"model={coco8_checkpoint}.bak"))
     assert line == f"error: model= is given 2 times ('{coco8_checkpoint}', '{coco8_checkpoint}.bak'): give it once"
     line = _one_error_line(run_detector("export", f"model={coco8_checkpoint}", "format=onnx"))
-    assert line == "error: unknown export argument 'format=onnx': expected key=value with key in file, imgsz"
+    assert line == "error: unknown export argument 'format=onnx': expected key=value with key in file, imgsz, layout"
     line = _one_error_line(run_detector("convert", "images=x", "output=y.json"))
     assert line == ("error: unknown convert argument 'output=y.json': expected key=value with key in images, "
                     "labels, names, out")

@@ -45,6 +45,11 @@ def test_batch_semantics(batch, fraction):
     (["optimizer=rmsprop"], ["optimizer='rmsprop'", "SGD"]),
     (["cache=disk"], ["cache='disk'", "auto, true (ram) or false"]),
     (["epochs"], ["not key=value"]),
+    (["multi_scale=1"], ["multi_scale='1'", "[0, 1)", "imgsz x [1 - f, 1 + f]"]),
+    (["multi_scale=-0.2"], ["multi_scale='-0.2'", "[0, 1)"]),
+    (["mixup=1.5"], ["mixup='1.5'", "[0, 1]"]),
+    (["tensorboard=maybe"], ["tensorboard='maybe'", "true or false"]),
+    (["close_mosaic=-1"], ["close_mosaic='-1'", "integer >= 0"]),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(args, words):
     with pytest.raises(ConfigError) as info:
@@ -77,6 +82,14 @@ def test_python_values_go_through_the_same_checks():
         make_config({"batch": 0})
     with pytest.raises(ConfigError, match="epochs=True"):
         make_config({"epochs": True})
+
+
+def test_new_training_features_default_off_and_multi_scale_takes_the_peers_boolean_too():
+    config = make_config()
+    assert (config.multi_scale, config.mixup, config.tensorboard) == (0.0, 0.0, False)
+    assert make_config(parse_cli(["multi_scale=0.25"])).multi_scale == 0.25
+    assert make_config(parse_cli(["multi_scale=true"])).multi_scale == 0.5  # the peer's older form: +/- 50%
+    assert make_config({"multi_scale": False}).multi_scale == 0.0
 
 
 def test_config_is_frozen():

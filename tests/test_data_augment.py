@@ -11,8 +11,9 @@ import pytest
 import torch
 from albumentations.augmentations.pixel.functional import adjust_saturation_torchvision
 
-from detector.data.augment import LinearColourJitter, TrainTransform, colour_matrix, letterbox, round_image_size
+from detector.data.augment import TrainTransform, letterbox, round_image_size
 from detector.data.coco import CocoDataset, Target
+from detector.data.colour import LinearColourJitter, colour_matrix
 from detector.data.loader import Batch, DetectionDataset, Sample, TrainSampling, build_dataloader, collate, set_epoch
 
 # Saturated colours (RGB), far from the dark background and the grey padding (114).
@@ -343,7 +344,7 @@ def test_boxes_filtered_once_at_the_end_equal_boxes_filtered_after_every_transfo
 
     dataset = _colour_dataset(tmp_path, count=4)
     transform = TrainTransform(64, mosaic=mosaic, degrees=10, shear=5, translate=0.4)
-    pipeline = transform._pipeline
+    pipeline = transform._pipelines[64]
     params = copy.copy(pipeline.processors["bboxes"].params)
     assert not params.check_each_transform
     params.check_each_transform = True
@@ -352,7 +353,7 @@ def test_boxes_filtered_once_at_the_end_equal_boxes_filtered_after_every_transfo
     for seed in range(40):
         once = transform(dataset, seed % 4, np.random.default_rng(seed))
         transform_each = copy.copy(transform)
-        transform_each._pipeline = each_step
+        transform_each._pipelines = {64: each_step}
         every = transform_each(dataset, seed % 4, np.random.default_rng(seed))
         np.testing.assert_array_equal(once[0], every[0])
         np.testing.assert_array_equal(once[1].classes, every[1].classes)
@@ -399,3 +400,93 @@ def test_workers_minus_one_takes_the_cores_the_device_leaves_free(tmp_path, monk
     assert loader.num_workers == expected
     assert loader.pin_memory == (device == "cuda")
     assert f"workers=-1: {expected} loader processes ({cores} CPU cores" in caplog.text  # the log says what it chose
+
+
+def test_mixup_blends_two_samples_pixel_for_pixel_and_keeps_the_boxes_of_both(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    options = dict(mosaic=1.0, degrees=3.0, translate=0.1, scale=0.3, fliplr=0.5)
+    plain, mixed = TrainTransform(128, **options), TrainTransform(128, mixup=1.0, **options)
+    for seed in range(4):
+        # The mixed sample draws, from one generator: its own sample (as without mixup), the mixup draw, the index
+        # of the second sample, that sample, then the weight.
+        rng = np.random.default_rng(seed)
+        image_a, target_a = plain(dataset, seed, rng)
+        rng.random()
+        image_b, target_b = plain(dataset, int(rng.integers(len(dataset))), rng)
+        lam = rng.beta(32.0, 32.0)
+        image, target = mixed(dataset, seed, np.random.default_rng(seed))
+        expected = lam * image_a.astype(np.float64) + (1 - lam) * image_b.astype(np.float64)
+        assert 0.3 < lam < 0.7 and image.dtype == np.uint8 and image.shape == image_a.shape
+        assert np.abs(image - expected).max() <= 0.5 + 1e-3  # lam * a + (1 - lam) * b, rounded once
+        assert not np.array_equal(image, image_a) and not np.array_equal(image, image_b)
+        np.testing.assert_array_equal(target.boxes_xyxy, np.concatenate([target_a.boxes_xyxy, target_b.boxes_xyxy]))
+        np.testing.assert_array_equal(target.classes, np.concatenate([target_a.classes, target_b.classes]))
+    # mixup=0 draws nothing for it: its samples are those of a transform without the setting.
+    still = TrainTransform(128, mixup=0.0, **options)(dataset, 1, np.random.default_rng(9))
+    np.testing.assert_array_equal(still[0], plain(dataset, 1, np.random.default_rng(9))[0])
+
+
+def test_closing_mosaic_also_closes_mixup(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    sampling = TrainSampling(augment={"mosaic": 0.0, "mixup": 1.0, "scale": 0.0, "translate": 0.0}, mosaic=False)
+    loader = build_dataloader(dataset, train=True, image_size=128, batch_size=6, workers=0, sampling=sampling)
+    batch = next(iter(loader))
+    for i, image_id in enumerate(batch.image_ids.tolist()):  # each image's boxes are its own alone
+        classes = batch.targets[batch.targets[:, 0] == i, 1].long().tolist()
+        assert sorted(classes) == sorted(dataset.targets[dataset.image_ids.index(image_id)].classes.tolist())
+
+
+def test_a_sample_made_at_another_side_is_the_same_sample_scaled(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+    transform = TrainTransform(128, mosaic=1.0, degrees=0.0, translate=0.1, scale=0.2, hsv_h=0, hsv_s=0, hsv_v=0)
+    checked = 0
+    for seed in range(8):
+        small, target_small = transform(dataset, seed % 6, np.random.default_rng(seed))
+        large, target_large = transform(dataset, seed % 6, np.random.default_rng(seed), size=256)
+        assert small.shape == (128, 128, 3) and large.shape == (256, 256, 3)
+        # Each box of one is in the other with its class, at twice or half the size (the mosaic's centre is drawn in
+        # whole pixels and the resampling moves edges by a pixel or so). Boxes cut by the border are left out: a
+        # pixel more or less decides whether their visible part passes the 10% filter; so are slivers under 8 px.
+        for source, other, factor in [(target_small, target_large, 2.0), (target_large, target_small, 0.5)]:
+            side = 128 if source is target_small else 256
+            for box, cls in zip(source.boxes_xyxy, source.classes, strict=True):
+                if min(box) <= 1 or max(box) >= side - 1 or min(box[2:] - box[:2]) < 8 * side / 128:
+                    continue
+                error = np.abs(other.boxes_xyxy - factor * box).max(axis=1)
+                assert ((error <= 3.0 * max(factor, 1)) & (other.classes == cls)).any(), (seed, box, cls)
+                checked += 1
+    assert checked >= 10
+
+
+def test_scale_sides_are_the_multiples_of_32_within_the_range():
+    from detector.data.batches import scale_sides
+
+    assert scale_sides(640, 0.5) == list(range(320, 961, 32))
+    assert scale_sides(640, 0.0) == [640] and scale_sides(320, 0.1) == [288, 320, 352]
+    assert scale_sides(64, 0.9) == [32, 64, 96]  # never below one stride
+
+
+def _sides(loader, epoch, skip=0):
+    set_epoch(loader, epoch, skip_batches=skip)
+    batches = list(loader)
+    for batch in batches:
+        side = batch.images.shape[-1]
+        assert batch.images.shape[-2] == side and (batch.targets[:, 2:] <= side).all()
+    return [batch.images.shape[-1] for batch in batches]
+
+
+def test_multi_scale_draws_each_batch_side_from_seed_epoch_and_batch_index(tmp_path):
+    dataset = _colour_dataset(tmp_path)
+
+    def loader(rank=0, world_size=1, multi_scale=0.5):
+        sampling = TrainSampling(multi_scale=multi_scale, rank=rank, world_size=world_size)
+        return build_dataloader(dataset, train=True, image_size=128, batch_size=1, workers=0, seed=5,
+                                sampling=sampling)
+
+    sides = [_sides(loader(), epoch) for epoch in range(4)]
+    drawn = {side for epoch in sides for side in epoch}
+    assert drawn <= {64, 96, 128, 160, 192} and len(drawn) >= 3, sides
+    assert _sides(loader(), 2, skip=2) == sides[2][2:]  # a resumed epoch: the same sides for the batches left
+    # Under DDP each rank's k-th batch has the side of every other rank's k-th batch.
+    assert _sides(loader(0, 2), 1) == _sides(loader(1, 2), 1) == sides[1][:3]
+    assert {side for side in _sides(loader(multi_scale=0.0), 1)} == {128}

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import socket
 import stat
@@ -261,6 +262,23 @@ def test_bare_coco_json_finds_its_images(datasets_dir):
     assert card.train_images == card.val_images == (datasets_dir / "coco8" / "images" / "val").resolve()
     assert card.train_json == card.val_json
     assert len(CocoDataset(card.val_images, card.val_json)) == 4
+
+
+def test_a_bare_coco_json_finds_its_images_in_the_images_folder_beside_it_and_says_so(tmp_path, datasets_dir,
+                                                                                       detector_log):
+    dataset = tmp_path / "ds"
+    shutil.copytree(datasets_dir / "coco8" / "images" / "val", dataset / "images")
+    shutil.copy(datasets_dir / "coco8" / "annotations" / "instances_val.json", dataset / "labels.json")
+    card = load_data_card(dataset / "labels.json")
+    assert card.train_images == card.val_images == dataset / "images" and card.root == dataset
+    assert len(CocoDataset(card.val_images, card.val_json)) == 4
+    assert f"labels.json: its images are in {dataset / 'images'}" in detector_log().splitlines()
+    shutil.rmtree(dataset / "images")
+    json_path, where = re.escape(str(dataset / "labels.json")), re.escape(f"{dataset}, {dataset / 'images'}")
+    with pytest.raises(DataError, match=rf"^the images of {json_path} \(first: \d+\.jpg\) "
+                                        rf"are in none of {where}; put them in one, or name their folder in a data "
+                                        r"card: train: <image folder>, train_json: .*labels\.json$"):
+        load_data_card(dataset / "labels.json")
 
 
 def test_generator_card_generates_the_missing_dataset(tmp_path, monkeypatch):

@@ -149,6 +149,32 @@ def test_one_dropped_box_is_a_box(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [f"{json_path.name}: dropped 1 box (1 degenerate)"]
 
 
+def test_boxes_of_images_the_json_lacks_are_dropped_naming_their_annotation_ids(tmp_path, caplog):
+    orphans = [_ann(9, [1, 1, 5, 5], id=annotation_id) for annotation_id in range(20, 27)]
+    images_dir, json_path = _write_dataset(tmp_path / "many", [_ann(1, [1, 1, 5, 5], id=10), *orphans])
+    with caplog.at_level(logging.WARNING, logger="detector.data.coco"):
+        assert sum(len(t) for t in CocoDataset(images_dir, json_path).targets) == 1
+    images_dir, json_path = _write_dataset(tmp_path / "one", [_ann(1, [1, 1, 0, 5], id=4), _ann(2, [1, 1, 5, 5], id=8),
+                                                              _ann(5, [1, 1, 5, 5])])
+    with caplog.at_level(logging.WARNING, logger="detector.data.coco"):
+        CocoDataset(images_dir, json_path)  # the last annotation has no id: its place in the file numbers it
+    assert [r.getMessage() for r in caplog.records] == [
+        "instances.json: dropped 7 boxes (7 unknown image id: annotation ids 20, 21, 22, 23, 24, ...)",
+        "instances.json: dropped 2 boxes (1 degenerate, 1 unknown image id: annotation id 3)"]
+
+
+def test_skipped_images_say_how_many_boxes_went_with_them(tmp_path, caplog):
+    annotations = [_ann(1, [1, 1, 5, 5]), _ann(2, [1, 1, 5, 5]), _ann(2, [2, 2, 5, 5]),
+                   _ann(2, [0, 0, 9, 9], iscrowd=1)]
+    images_dir, json_path = _write_dataset(tmp_path, annotations)
+    (images_dir / "2.jpg").unlink()
+    with caplog.at_level(logging.WARNING, logger="detector.data.coco"):
+        dataset = CocoDataset(images_dir, json_path, skip_bad_images=True)
+    assert dataset.image_ids == [1]
+    assert [r.getMessage() for r in caplog.records] == [  # the crowd box would not have been trained on
+        f"skipping 1 missing or unreadable image of instances.json and the 2 boxes on them (first: {images_dir}/2.jpg)"]
+
+
 def test_no_images_is_an_error_and_no_boxes_a_warning(tmp_path, caplog):
     images_dir, json_path = _write_dataset(tmp_path / "none", [_ann(1, [2, 3, 10, 20])], sizes=())
     with pytest.raises(DataError, match=r"instances\.json has no usable images: its 'images' list is empty"):
@@ -300,7 +326,8 @@ def test_corrupt_files_in_the_middle_are_all_listed_or_skipped_with_a_count(tmp_
     with caplog.at_level(logging.WARNING):
         dataset = CocoDataset(images_dir, json_path, skip_bad_images=True)
     assert dataset.image_ids == [1, 6, 7] and [len(t) for t in dataset.targets] == [1, 1, 1]
-    assert any("skipping 4 missing or unreadable images" in r.getMessage() for r in caplog.records)
+    assert any(f"skipping 4 missing or unreadable images of instances.json and the 4 boxes on them (first: {bad[0]})"
+               == r.getMessage() for r in caplog.records)
 
 
 def test_load_for_a_smaller_size_decodes_at_reduced_scale_with_boxes_to_match(tmp_path):

@@ -97,9 +97,9 @@ def test_epoch_reports_mean_losses_and_updates_ema():
     ctx.ema = ModelEMA(model, tau=1.0)
     images, targets = data(8)
     loader = [SimpleNamespace(images=part, targets=rows) for part, rows in batches(images, targets, 2)]
-    first = train_one_epoch(ctx, loader, epoch=0, epochs=3, image_size=8, progress=False)
+    first = train_one_epoch(ctx, loader, epoch=0, epochs=3, progress=False)
     for epoch in range(1, 3):
-        last = train_one_epoch(ctx, loader, epoch=epoch, epochs=3, image_size=8, progress=False)
+        last = train_one_epoch(ctx, loader, epoch=epoch, epochs=3, progress=False)
     assert set(first) == {"train/loss_toy"} and last["train/loss_toy"] < first["train/loss_toy"]
     assert ctx.state == LoopState(iteration=12, last_step=12, bad_steps=0, optimizer_steps=12)
     assert ctx.ema.updates == 12

@@ -511,3 +511,21 @@ def test_val_scores_a_cards_test_split_written_from_its_yolo_labels(coco8_checkp
         model.val("test", data=str(datasets_dir / "coco8" / "coco8.yaml"))
     with pytest.raises(DataError, match=r"the model knows 80 classes \(person, .*instances_val.json has 1 \(object"):
         model.val(data=str(card), single_cls=True)  # data whose classes are not the model's: no silent 0.0
+
+
+def test_predict_marks_a_cut_short_image_and_skips_an_unreadable_one(coco8_checkpoint, datasets_dir, tmp_path,
+                                                                     detector_log):
+    photo = cv2.imread(str(sorted((datasets_dir / "coco8" / "images" / "val").glob("*.jpg"))[0]))
+    jpeg, png = cv2.imencode(".jpg", photo)[1].tobytes(), cv2.imencode(".png", photo)[1].tobytes()
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    (tmp_path / "b.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    (tmp_path / "c.png").write_bytes(png[:len(png) // 2])
+    (tmp_path / "d.jpg").write_bytes(jpeg)
+    model = Model(coco8_checkpoint)
+    results = model.predict(tmp_path, conf=0.25)
+    assert [(Path(r.path).name, r.index, r.incomplete) for r in results] == [
+        ("a.jpg", 0, False), ("b.jpg", 1, True), ("d.jpg", 2, False)]
+    log = detector_log()
+    assert f"image {tmp_path / 'b.jpg'} is incomplete" in log and f"cannot read image {tmp_path / 'c.png'}" in log
+    with pytest.raises(DataError, match="cannot read image .*c.png: it is cut short"):
+        model.predict(tmp_path / "c.png")

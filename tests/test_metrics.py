@@ -1,6 +1,10 @@
-"""COCO mAP (faster-coco-eval, checked against pycocotools): perfect, shifted and missing detections; confusion."""
+"""COCO mAP (faster-coco-eval, checked against pycocotools): perfect, shifted and missing detections; annotation ids
+that start at 0, have gaps or repeat; confusion."""
 
+import contextlib
+import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -46,6 +50,55 @@ def test_perfect_detections_score_one(ground_truth):
     assert {name: m.map50_95 for name, m in metrics.per_class.items()} == {"cat": pytest.approx(1.0),
                                                                           "dog": pytest.approx(1.0)}
     assert metrics.fitness == pytest.approx(1.0)
+
+
+def _four_boxes(annotation_ids: list[int]) -> list[dict]:
+    """Two cats in image 1 and two dogs in image 2 with these annotation ids (area and iscrowd given: what the
+    library needs)."""
+    return [{"id": annotation_id, "image_id": 1 + k // 2, "category_id": (3, 7)[k // 2],
+             "bbox": [10 + 40 * (k % 2), 10, 30, 30], "area": 900, "iscrowd": 0}
+            for k, annotation_id in enumerate(annotation_ids)]
+
+
+def _as_detections(annotations: list[dict]) -> list[dict]:
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in annotations]
+
+
+@pytest.mark.parametrize("annotation_ids", [[0, 1, 2, 3], [5, 17, 1000, 1001], [5, 5, 1000, 7]],
+                         ids=["from 0", "with gaps", "repeated"])
+def test_perfect_detections_score_one_whatever_the_annotation_ids(tmp_path, annotation_ids):
+    annotations = _four_boxes(annotation_ids)
+    truth = load_ground_truth(_three_images(tmp_path, annotations))
+    metrics = coco_evaluate(truth, _as_detections(annotations), [1, 2, 3], {3: "cat", 7: "dog"})
+    assert metrics.map50_95 == 1.0 and metrics.map50 == 1.0 and metrics.recall == 1.0
+    assert sorted(truth.anns) == [1, 2, 3, 4] and [truth.anns[i]["bbox"] for i in (1, 2, 3, 4)] == [
+        a["bbox"] for a in annotations]  # numbered in file order, boxes unchanged
+
+
+def _library_map50_95(path, detections: list[dict]) -> float:
+    """faster-coco-eval on the file as it is, as a user of the library would run it."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer versions warn of an id 0, and score it all the same
+        truth = COCO(str(path))
+        evaluator = COCOeval_faster(truth, truth.loadRes([dict(d) for d in detections]), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return float(evaluator.stats[0])
+
+
+def test_why_annotation_ids_are_renumbered_the_library_scores_a_found_id_0_box_as_missed(tmp_path):
+    """COCOeval (pycocotools' and faster-coco-eval's) records a box's match as the matched annotation's id, with 0
+    for none: the cat with id 0 is found, yet counted missed and its detection false; a repeated id merges two
+    boxes. load_ground_truth numbers the annotations 1..N, so they score 1 (the test above)."""
+    # The cats' AP: precision 1/2 up to recall 1/2 (51 of COCO's 101 recall points), 0 beyond; the dogs' 1.
+    cat_lost = pytest.approx((0.5 * 51 / 101 + 1.0) / 2)
+    for annotation_ids, expected in (([1, 2, 3, 4], 1.0), ([0, 1, 2, 3], cat_lost), ([5, 5, 1000, 7], cat_lost)):
+        annotations = _four_boxes(annotation_ids)
+        assert _library_map50_95(_three_images(tmp_path, annotations), _as_detections(annotations)) == expected
 
 
 def test_wrong_class_and_missing_image_lower_the_score(ground_truth):

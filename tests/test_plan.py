@@ -1,5 +1,7 @@
 """The Plan (every number derived from the batch) and what AutoBatch's decision depends on."""
 
+import json
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from detector.model.loss import DetectionLoss
 from detector.model.network import Detector
 from detector.train.build import worst_case_boxes
 from detector.train.plan import autobatch_key, make_plan
+from detector.train.probe import make_probe_step
 from detector.train.trainer import Trainer
 from tests.conftest import TINY_SCALE, make_tiny_setup
 
@@ -32,7 +35,8 @@ def _key(config, **changes):
     return autobatch_key(config, model, **values)
 
 
-@pytest.mark.parametrize("change", [{"ema": False}, {"deterministic": False}, {"lr_policy": "sqrt"}])
+@pytest.mark.parametrize("change", [{"ema": False}, {"deterministic": False}, {"lr_policy": "sqrt"},
+                                    {"multi_scale": 0.5}])
 def test_a_saved_decision_is_not_reused_when_a_setting_that_moves_memory_changed(change):
     assert _key(make_config({})) != _key(make_config(change))
 
@@ -67,13 +71,34 @@ def test_the_probe_loss_runs_no_collective_while_the_training_loss_needs_one():
     assert torch.isfinite(value) and local.world_size == 1 and loss.world_size == 2
 
 
-def test_autobatch_probes_the_densest_sample_a_mosaic_can_make(tmp_path):
+def test_autobatch_probes_the_densest_sample_a_mosaic_or_mixup_can_make(tmp_path):
     paths = make_tiny_setup(tmp_path, seed=2, num_train=8, num_val=2, image_size=64)
     settings = {**paths, "imgsz": 64, "batch": 4, "epochs": 1, "workers": 0, "project": str(tmp_path)}
     counts = sorted(len(t) for t in Trainer(settings, progress=False).train_data.targets)
-    trainer = Trainer({**settings, "name": "m"}, progress=False)
-    with_mosaic, without = worst_case_boxes(trainer.train_data, 1.0), worst_case_boxes(trainer.train_data, 0.0)
+    data = Trainer({**settings, "name": "m"}, progress=False).train_data
+    with_mosaic, without = worst_case_boxes(data, 1.0, 0.0), worst_case_boxes(data, 0.0, 0.0)
     assert with_mosaic == sum(counts[-4:]) > without == counts[-1]
+    # mixup blends two samples: two mosaics, the eight densest images; without mosaic the two densest.
+    assert worst_case_boxes(data, 1.0, 0.5) == sum(counts[-8:]) > with_mosaic
+    assert worst_case_boxes(data, 0.0, 0.5) == sum(counts[-2:])
+
+
+def test_autobatch_measures_the_training_step_at_the_largest_side_multi_scale_draws(tmp_path, monkeypatch):
+    from detector.train import plan as plan_module
+
+    sides = []
+
+    def recording_probe(*args, image_size, **kwargs):
+        sides.append(image_size)
+        return make_probe_step(*args, image_size=image_size, **kwargs)
+
+    monkeypatch.setattr(plan_module, "make_probe_step", recording_probe)
+    paths = make_tiny_setup(tmp_path, seed=2, num_train=8, num_val=2, image_size=64)
+    trainer = Trainer({**paths, "imgsz": 64, "batch": -1, "epochs": 1, "workers": 0, "project": str(tmp_path),
+                       "multi_scale": 0.5}, progress=False)
+    assert sides == [96] and trainer.plan.max_image_size == 96 and trainer.plan.image_size == 64
+    saved = json.loads((trainer.run_dir / "autobatch.json").read_text())
+    assert saved["key"]["train_imgsz"] == 96 and saved["key"]["imgsz"] == 64
 
 
 def test_the_validation_batch_is_capped_by_host_memory(monkeypatch):

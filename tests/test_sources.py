@@ -1,4 +1,5 @@
-"""Sources of frames (folders, videos, arrays, generators) and their grouping into batches as they arrive."""
+"""Sources of frames (folders, videos, arrays, generators), files cut short or unreadable, and the grouping of
+frames into batches as they arrive."""
 
 import threading
 import time
@@ -7,8 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
+from detector.data.images import truncation
 from detector.errors import DataError
-from detector.inference.sources import count_frames, iter_batches, open_source
+from detector.inference.batching import iter_batches
+from detector.inference.sources import count_frames, open_source
 
 
 def slow_stream(count, pause_after, pause_s):
@@ -124,3 +127,74 @@ def test_a_folder_without_images_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="holds no images or videos"):
         open_source(tmp_path)  # at once, before any frame is asked for
+
+
+def _photo(height=96, width=128):
+    """A smooth picture with detail all over, so that a cut-short file decodes visibly wrong below the cut."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return np.stack([rows * 2, cols * 2, (rows + cols) % 256], axis=2).astype(np.uint8)
+
+
+def _write(path, image, keep=1.0, extra=b""):
+    data = cv2.imencode(path.suffix, image)[1].tobytes()
+    path.write_bytes(data[:int(len(data) * keep)] + extra)
+    return path
+
+
+def test_truncation_finds_jpegs_and_pngs_cut_short_and_only_them(tmp_path):
+    photo = _photo()
+    assert truncation(_write(tmp_path / "whole.jpg", photo)) is None
+    assert truncation(_write(tmp_path / "whole.png", photo)) is None
+    # Bytes after the end-of-image marker (some cameras append data there) are not a cut: PIL decodes it whole.
+    assert truncation(_write(tmp_path / "appended.jpg", photo, extra=b"thumbnail data" * 8)) is None
+    assert truncation(_write(tmp_path / "half.jpg", photo, keep=0.5)) == (
+        "it is cut short: it ends before its end-of-image marker FF D9")
+    assert truncation(_write(tmp_path / "half.png", photo, keep=0.5)) == (
+        "it is cut short: it ends before its IEND chunk")
+    assert truncation(_write(tmp_path / "half.webp", photo, keep=0.5)) is None  # not checked: OpenCV refuses it
+
+
+def test_a_jpeg_cut_in_half_is_predicted_on_with_a_warning_naming_it(tmp_path, detector_log):
+    photo = _photo()
+    _write(tmp_path / "a.jpg", photo)
+    half = _write(tmp_path / "b.jpg", photo, keep=0.5)
+    _write(tmp_path / "c.jpg", photo)
+
+    frames = list(open_source(tmp_path))
+    assert [(f.path.rsplit("/", 1)[-1], f.index, f.incomplete) for f in frames] == [
+        ("a.jpg", 0, False), ("b.jpg", 1, True), ("c.jpg", 2, False)]
+    whole, cut = frames[0].image.astype(int), frames[1].image.astype(int)
+    assert cut.shape == whole.shape
+    assert np.abs(cut[:8] - whole[:8]).max() <= 2 and np.abs(cut[-8:] - whole[-8:]).mean() > 20  # lost below the cut
+    assert detector_log() == (f"image {half} is incomplete, its detections cover the part that decoded: it is cut "
+                              "short: it ends before its end-of-image marker FF D9")
+    [frame] = open_source(half)  # named directly: the same, not an error
+    assert frame.incomplete
+
+
+def test_unreadable_files_in_a_folder_are_skipped_with_one_warning_each(tmp_path, detector_log):
+    photo = _photo()
+    _write(tmp_path / "a.png", photo)
+    cut = _write(tmp_path / "b.png", photo, keep=0.5)  # OpenCV decodes no part of a PNG cut short
+    (tmp_path / "c.jpg").write_bytes(b"not an image at all")
+    _write(tmp_path / "d.png", photo)
+
+    frames = list(open_source(tmp_path))
+    assert [(f.path.rsplit("/", 1)[-1], f.index) for f in frames] == [("a.png", 0), ("d.png", 1)]
+    assert detector_log().splitlines() == [
+        f"cannot read image {cut}: it is cut short: it ends before its IEND chunk; skipped it, the other files go on",
+        f"cannot read image {tmp_path / 'c.jpg'}: empty or not an image; skipped it, the other files go on"]
+    assert [f.index for f in open_source(str(tmp_path / "*.png"))] == [0, 1]  # a glob skips them too
+
+
+def test_an_unreadable_file_named_directly_is_an_error_naming_it(tmp_path):
+    photo = _photo()
+    good = _write(tmp_path / "a.png", photo)
+    cut = _write(tmp_path / "b.png", photo, keep=0.5)
+    with pytest.raises(DataError, match=f"^cannot read image {cut}: it is cut short: it ends before its IEND chunk$"):
+        list(open_source(cut))
+    seen = []
+    with pytest.raises(DataError, match=f"^cannot read image {cut}:"):
+        for frame in open_source([good, cut]):  # in a list, a named file too; the frames before it come first
+            seen.append(frame.path)
+    assert seen == [str(good)]

@@ -93,7 +93,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny_setup, tmp_pat
         logging.getLogger("detector.train.resume").removeHandler(warnings)
     assert [r.getMessage() for r in warnings.buffer] == [
         "resume continues the run as it was configured; ignored imgsz=160 (only device, workers, threads, epochs, "
-        "save_period can change)"]  # not batch=8.0: the value it had, spelled differently
+        "save_period, tensorboard can change)"]  # not batch=8.0: the value it had, spelled differently
     assert load_checkpoint(last)["epoch"] == 4 and load_checkpoint(last)["config"]["imgsz"] == 128
 
 

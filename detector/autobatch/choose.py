@@ -200,30 +200,18 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
     """Sample, fit, choose and verify a training batch size (see the module docstring for the method).
 
     Args:
-        step: runs one full training step (forward, loss, backward, optimizer, EMA) at batch b and,
-            on CUDA, synchronizes before returning so that the clock measures the step.
+        step: one full training step at batch b (on CUDA it synchronizes before returning).
         probe: reads peak memory and capacity of the training device.
-        fraction: share of the capacity the peak may fill, in (0, 1).
-        max_batch: largest useful batch (the training set size).
-        measure_throughput: also time steps and prefer the smallest batch within 5% of the best
-            images/s (the CPU case, where memory rarely limits).
-        start: first sampled batch; later samples double it.
-        max_samples: most sampled batch sizes.
-        time_budget_s: soft limit (s) on sampling: no sample starts that would end past it, but a fit
-            always gets its two samples.
-        verify_steps: steps run in a row at the chosen batch to verify it (the highest peak counts).
-        image_size: the side (pixels) the step works at, named in the error when nothing fits.
-        clock: seconds counter (injected by tests).
-        label: what the batch is for, shown in the log line ("training", "validation").
-
-    Returns:
-        The decision; `decided_by` says which limit decided and `reason` why.
+        fraction: share of the capacity the peak may fill, in (0, 1); max_batch: the largest useful batch.
+        measure_throughput: also time steps and prefer the smallest batch within 5% of the best images/s (CPU).
+        start, max_samples: the first sampled batch (later samples double it) and the most samples.
+        time_budget_s: no sample starts that would end past it, but a fit always gets its two samples.
+        verify_steps: steps in a row at the chosen batch that verify it (the highest peak counts).
+        image_size, label: named in the error and the log line; clock: seconds counter (tests inject one).
 
     Raises:
-        ValueError: for arguments out of range.
-        AutoBatchError: when a step at the start batch already runs out of memory (the message names the
-            batch, the image size when given, and the memory this process has on the device).
-        Exception: any non-memory error raised by `step` (a broken model is not a batch-size problem).
+        ValueError: arguments out of range. AutoBatchError: not even the start batch fits. Any non-memory
+        error `step` raises (a broken model is not a batch-size problem).
     """
     if not 0 < fraction < 1:
         raise ValueError(f"AutoBatch fraction must be in (0, 1), got {fraction}")
@@ -232,13 +220,7 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
                          f"{verify_steps}")
     began = clock()
     start = min(start, max_batch)
-    warm = measure(step, probe, start, clock=clock)
-    probe.reset()
-    if not warm.ok:
-        at_size = f" at imgsz {image_size}" if image_size else ""
-        raise AutoBatchError(f"one {label or 'measured'} step at batch {start} already runs out of memory{at_size} on "
-                             f"{probe.name}, where this process has {gib(probe.capacity())} GiB ({warm.error}); "
-                             "use a smaller imgsz or model")
+    _warm_up(step, probe, start, image_size=image_size, label=label, clock=clock)
     capacity = probe.capacity()
     budget = int(fraction * capacity)
     samples, stopped = _sample(step, probe, budget=budget, start=start, max_batch=max_batch,
@@ -259,6 +241,19 @@ def choose_batch(step: Callable[[int], None], probe: MemoryProbe, *, fraction: f
     log = logger.warning if decision.decided_by == "fallback" else logger.info
     log(decision.log_line())
     return decision
+
+
+def _warm_up(step: Callable[[int], None], probe: MemoryProbe, start: int, *, image_size: int | None, label: str,
+             clock: Callable[[], float]) -> None:
+    """One step at the start batch (cudnn.benchmark, allocator pools, optimizer state), or the error that not even
+    that fits."""
+    warm = measure(step, probe, start, clock=clock)
+    probe.reset()
+    if not warm.ok:
+        at_size = f" at imgsz {image_size}" if image_size else ""
+        raise AutoBatchError(f"one {label or 'measured'} step at batch {start} already runs out of memory{at_size} on "
+                             f"{probe.name}, where this process has {gib(probe.capacity())} GiB ({warm.error}); "
+                             "use a smaller imgsz or model")
 
 
 def _why_not_trusted(fit: Fit | None, budget: int, samples: list[Sample]) -> str | None:

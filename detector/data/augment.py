@@ -1,40 +1,25 @@
 """(image, Target) -> (image, Target) at the training or validation size.
 
 Training: a 4-image mosaic (or one letterboxed image), then albumentations' bbox-aware affine,
-colour jitter and flips. Validation: letterbox only, with the scale and padding returned
-so predictions map back to the original pixels. Every image is first shrunk so its longest side is
-the training size: the later steps then touch at most (2S)^2 pixels whatever the source size.
+colour jitter and flips; with mixup, blended with a second sample made the same way. Validation:
+letterbox only, with the scale and padding returned so predictions map back to the original pixels.
+Every image is first shrunk so its longest side is the training size: the later steps then touch at most
+(2S)^2 pixels whatever the source size.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+from detector.data.albu import A
 from detector.data.coco import Target
-
-
-def _import_albumentations():
-    """albumentations asks PyPI for a newer version of itself on import unless NO_ALBUMENTATIONS_UPDATE is set (a
-    request and up to 2 s of waiting, offline). Set it for the import alone: the user's environment stays as it was."""
-    unset = "NO_ALBUMENTATIONS_UPDATE" not in os.environ
-    if unset:
-        os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-    try:
-        import albumentations
-    finally:
-        if unset:
-            del os.environ["NO_ALBUMENTATIONS_UPDATE"]
-    return albumentations
-
-
-A = _import_albumentations()
+from detector.data.colour import LinearColourJitter
 
 if TYPE_CHECKING:
     from detector.data.coco import CocoDataset
@@ -44,6 +29,7 @@ logger = logging.getLogger(__name__)
 PAD_VALUE = 114
 MIN_VISIBILITY = 0.1  # keep a box while at least 10% of its area is still in the image
 MIN_BOX_SIZE = 2.0  # pixels: smaller boxes after augmentation carry no learnable signal
+MIXUP_BETA = 32.0  # mixup's weight lam ~ Beta(32, 32), as in YOLOv5/v8: mostly near half and half
 
 
 def round_image_size(size: int) -> int:
@@ -127,6 +113,23 @@ def mosaic4(images: list[np.ndarray], targets: list[Target], size: int, center: 
     return canvas, Target(np.concatenate(all_boxes).astype(np.float32), np.concatenate(all_classes))
 
 
+def mixup(image_a: np.ndarray, target_a: Target, image_b: np.ndarray, target_b: Target, lam: float
+          ) -> tuple[np.ndarray, Target]:
+    """Blends two samples of one size: lam * a + (1 - lam) * b, rounded to uint8, with the boxes of both.
+
+    Args:
+        image_a, image_b: uint8 (S, S, 3).
+        target_a, target_b: Targets in those pixels.
+        lam: weight of a, in [0, 1].
+
+    Returns:
+        (image uint8 (S, S, 3), Target: a's boxes then b's).
+    """
+    image = cv2.addWeighted(image_a, lam, image_b, 1 - lam, 0)
+    return image, Target(np.concatenate([target_a.boxes_xyxy, target_b.boxes_xyxy]).astype(np.float32),
+                         np.concatenate([target_a.classes, target_b.classes]).astype(np.int64))
+
+
 class CenterCroppedAffine(A.Affine):
     """A.Affine whose output is the centre `size` x `size` of the transformed image, made in one warp.
 
@@ -167,83 +170,63 @@ class CenterCroppedAffine(A.Affine):
         return boxes
 
 
-_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, the grey that saturation moves towards
-_GREY_AXIS = np.full(3, 1 / math.sqrt(3))
-_AXIS_CROSS = np.cross(np.eye(3), _GREY_AXIS)  # v -> axis x v, the hue turn's generator
-
-
-def colour_matrix(hue: float, saturation: float, value: float) -> np.ndarray:
-    """3x3 RGB matrix that turns the hue by `hue` of a full turn, scales saturation and multiplies brightness.
-
-    The hue turns about the grey axis (a pure red at a sixth of a turn becomes yellow, as in HSV); the
-    saturation is the blend with the luma grey that torchvision's adjust_saturation makes; the value gain
-    multiplies every channel, which is the HSV value gain exactly.
-    """
-    angle = 2 * math.pi * hue
-    turn = (math.cos(angle) * np.eye(3) + math.sin(angle) * _AXIS_CROSS
-            + (1 - math.cos(angle)) * np.outer(_GREY_AXIS, _GREY_AXIS))  # Rodrigues' rotation about grey
-    blend = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), _LUMA)
-    return value * blend @ turn
-
-
-class LinearColourJitter(A.ImageOnlyTransform):
-    """The YOLO hsv_h / hsv_s / hsv_v gains as one random colour matrix per image, applied by cv2.transform.
-
-    Brightness and saturation are ColorJitter's own operations; the hue turn is linear in RGB instead of
-    an HSV round trip, so the whole jitter is one pass over the pixels, rounded and clipped once: 0.02
-    against ColorJitter's 0.31 ms per 320 x 320 image (the two HSV conversions were most of it).
-    """
-
-    def __init__(self, hue: float, saturation: float, value: float, p: float = 1.0) -> None:
-        super().__init__(p=p)
-        self.hue, self.saturation, self.value = hue, saturation, value
-
-    def get_params(self) -> dict:
-        uniform = self.py_random.uniform
-        matrix = colour_matrix(uniform(-self.hue, self.hue), uniform(max(1 - self.saturation, 0), 1 + self.saturation),
-                               uniform(max(1 - self.value, 0), 1 + self.value))
-        return {"matrix": matrix.astype(np.float32)}
-
-    def apply(self, img: np.ndarray, matrix: np.ndarray, **params) -> np.ndarray:
-        return cv2.transform(img, matrix)
-
-
 class TrainTransform:
-    """Training augmentation: mosaic, affine (scale/translate/rotate/shear), HSV jitter, flips."""
+    """Training augmentation: mosaic, affine (scale/translate/rotate/shear), HSV jitter, flips; mixup."""
 
-    def __init__(self, image_size: int, *, mosaic: float = 1.0, degrees: float = 0.0, translate: float = 0.1,
-                 scale: float = 0.5, shear: float = 0.0, fliplr: float = 0.5, flipud: float = 0.0,
-                 hsv_h: float = 0.015, hsv_s: float = 0.7, hsv_v: float = 0.4) -> None:
-        """Args are fractions / probabilities as in cfg/default.yaml; image_size is the output side S."""
+    def __init__(self, image_size: int, *, mosaic: float = 1.0, mixup: float = 0.0, degrees: float = 0.0,
+                 translate: float = 0.1, scale: float = 0.5, shear: float = 0.0, fliplr: float = 0.5,
+                 flipud: float = 0.0, hsv_h: float = 0.015, hsv_s: float = 0.7, hsv_v: float = 0.4) -> None:
+        """Args are fractions / probabilities as in cfg/default.yaml; image_size is the output side S (a call may
+        ask for another side: multi_scale)."""
         self.image_size = image_size
-        self.mosaic = mosaic
+        self.mosaic, self.mixup = mosaic, mixup
+        self._affine = dict(scale=(max(1 - scale, 0.05), 1 + scale), translate_percent=(-translate, translate),
+                            rotate=(-degrees, degrees), shear=(-shear, shear), interpolation=cv2.INTER_LINEAR,
+                            keep_ratio=True,  # one scale for x and y: objects keep their aspect
+                            border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0)
+        self._tail = {"fliplr": fliplr, "flipud": flipud, "hsv": (hsv_h, hsv_s, hsv_v)}
+        self._pipelines = {image_size: self._make_pipeline(image_size)}  # one per output side, made when first asked
+
+    def _make_pipeline(self, size: int) -> A.Compose:
+        """The affine, colour jitter and flips of a sample of side `size`, boxes filtered at the end."""
         # Boxes are filtered once, after the last transform: the flip and the colour jitter cannot change a
         # box's visibility or size, so filtering after each transform kept the same boxes and cost 6% more
         # loading time at imgsz 320 (2.14 against 2.01 ms per mosaic sample, identical boxes on 500 samples).
         bbox_params = A.BboxParams(format="pascal_voc", label_fields=["classes"], clip=True,
                                    min_visibility=MIN_VISIBILITY, min_width=MIN_BOX_SIZE,
                                    min_height=MIN_BOX_SIZE, check_each_transform=False)
-        affine_args = dict(scale=(max(1 - scale, 0.05), 1 + scale), translate_percent=(-translate, translate),
-                           rotate=(-degrees, degrees), shear=(-shear, shear), interpolation=cv2.INTER_LINEAR,
-                           keep_ratio=True,  # one scale for x and y: objects keep their aspect
-                           border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0)
-        tail = [A.HorizontalFlip(p=fliplr)]
-        if flipud:  # only when asked: a transform at p=0 would still take a draw and change every later one
-            tail.append(A.VerticalFlip(p=flipud))
-        if hsv_h or hsv_s or hsv_v:
-            tail.insert(0, LinearColourJitter(hsv_h, hsv_s, hsv_v))
+        tail = [A.HorizontalFlip(p=self._tail["fliplr"])]
+        # Only when asked: a transform at p=0 would still take a draw and change every later one.
+        if self._tail["flipud"]:
+            tail.append(A.VerticalFlip(p=self._tail["flipud"]))
+        if any(self._tail["hsv"]):
+            tail.insert(0, LinearColourJitter(*self._tail["hsv"]))
         # Mosaic canvases are 2S: the affine acts on the whole canvas, and the centre S x S is kept. A single
         # image is letterboxed to S x S first, so there the centre S x S is all of it (a plain affine).
-        self._pipeline = A.Compose([CenterCroppedAffine(image_size, **affine_args), *tail], bbox_params=bbox_params)
+        return A.Compose([CenterCroppedAffine(size, **self._affine), *tail], bbox_params=bbox_params)
 
-    def __call__(self, dataset: CocoDataset, index: int, rng: np.random.Generator
+    def __call__(self, dataset: CocoDataset, index: int, rng: np.random.Generator, size: int | None = None
                  ) -> tuple[np.ndarray, Target]:
-        """Augments sample `index` (and, for a mosaic, 3 random others) with randomness from `rng`.
+        """Augments sample `index` (and, for a mosaic, 3 random others) with randomness from `rng`; with mixup, blends
+        it with a second sample of a random index, made the same way from the same `rng`.
+
+        Args:
+            size: The output side S (a multiple of 32); None for image_size.
 
         Returns:
             (image uint8 (S, S, 3) RGB, Target in its pixels).
         """
-        size = self.image_size
+        size = size or self.image_size
+        image, target = self._augment(dataset, index, rng, size)
+        # Drawn only when asked: a draw at mixup=0 would change every later one, so every sample.
+        if self.mixup and rng.random() < self.mixup:
+            other = self._augment(dataset, int(rng.integers(len(dataset))), rng, size)
+            image, target = mixup(image, target, *other, lam=float(rng.beta(MIXUP_BETA, MIXUP_BETA)))
+        return image, target
+
+    def _augment(self, dataset: CocoDataset, index: int, rng: np.random.Generator, size: int
+                 ) -> tuple[np.ndarray, Target]:
+        """One sample without mixup: a mosaic or one letterboxed image, then the affine, colour jitter and flips."""
         if rng.random() < self.mosaic:
             indices = [index, *rng.integers(0, len(dataset), 3).tolist()]
             images, targets = [], []
@@ -258,7 +241,8 @@ class TrainTransform:
             image, target, _ = dataset.load(index, size)
             image, boxes, _, _ = letterbox(image, target.boxes_xyxy, size)
             target = Target(boxes, target.classes)
-        self._pipeline.set_random_state(rng, random.Random(int(rng.integers(2**31))))
-        out = self._pipeline(image=image, bboxes=target.boxes_xyxy.reshape(-1, 4), classes=target.classes)
+        pipeline = self._pipelines.get(size) or self._pipelines.setdefault(size, self._make_pipeline(size))
+        pipeline.set_random_state(rng, random.Random(int(rng.integers(2**31))))
+        out = pipeline(image=image, bboxes=target.boxes_xyxy.reshape(-1, 4), classes=target.classes)
         boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
         return out["image"], Target(boxes, np.asarray(out["classes"], np.int64).reshape(-1))

@@ -1,4 +1,11 @@
-"""A data card's YAML read, and its keys checked for type: each mistake is a DataError naming the card and key."""
+"""A data card's YAML read, and its keys checked for type: each mistake is a DataError naming the card and key.
+
+Keys another tool wrote for itself are told apart from misspelt settings (foreign_keys): a key that is neither a
+card key nor a training setting is that tool's when its value is a mapping (a block of its own, like Roboflow's
+`roboflow:` with workspace, project, version, license and url) or when it is one of METADATA_KEYS (who made the
+dataset and under what terms); any other key stays with the settings, where the config rejects it with the
+closest setting names (`epocsh: 3`: did you mean epochs?).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,11 @@ from typing import Any
 
 import yaml
 
+from detector.config import FIELDS
 from detector.errors import DataError
+
+# Top-level keys that describe a dataset, not how to train on it; none is a setting, and no setting is a mapping.
+METADATA_KEYS = ("author", "citation", "date", "description", "license", "url", "version")
 
 
 def read_card_yaml(path: Path) -> dict[str, Any]:
@@ -19,6 +30,13 @@ def read_card_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise DataError(f"data card {path} must be a mapping of keys (path, train, val, ...)")
     return raw
+
+
+def foreign_keys(raw: dict[str, Any], card_keys: set[str]) -> list[str]:
+    """The keys of a card that another tool wrote for itself and that training ignores (see the module docstring);
+    a key that is a setting is never one, whatever its value, so `lr0: {...}` still fails as a bad value."""
+    return [key for key in raw if key not in card_keys and key not in FIELDS
+            and (isinstance(raw[key], dict) or key in METADATA_KEYS)]
 
 
 def card_text(name: str, raw: dict, key: str, default: str | None = None) -> str | None:

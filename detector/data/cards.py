@@ -6,9 +6,17 @@ but which has YOLO labels (the image folder with its last `images` part read as 
 pairs them) gets its JSON written from them, so an Ultralytics dataset and card train as they are; a split
 that lists several folders gets one JSON for all of them (written from theirs on first use), and a split given as
 a .txt list of images (Ultralytics' coco.yaml) one JSON for the listed images; each is written again when what it
-was written from changes (detector/data/derived.py). Keys a
-card sets that are not card keys (imgsz, epochs, ...) are training settings, returned in `settings` for the
-config to validate.
+was written from changes (detector/data/derived.py). A split starting with `../` whose folder does not exist is
+read below the root instead, as Ultralytics reads it: a Roboflow export's data.yaml, beside its train/ valid/ test/
+folders, names them `../train/images`, so the export trains as it is.
+
+Keys: those in CARD_KEYS are the card's. Keys another tool wrote for itself are ignored, all named in one log line:
+a key that is no training setting and whose value is a mapping (Roboflow's `roboflow:` block) or that is dataset
+metadata (license, url, version, ...: card_yaml.METADATA_KEYS). Every other key (imgsz, epochs, ...) is a training
+setting, returned in `settings` for the config to validate, so a misspelt one (`epocsh: 3`) is still an error.
+
+A bare COCO JSON as the card finds its images beside it, in the images/ folder next to it, or in the COCO layout's
+images/<split> (saying where in one line), and says where it looked when they are in none of them.
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from detector.assets import cards_dir
-from detector.data.card_yaml import card_text, parse_names, read_card_yaml, split_folders
-from detector.data.derived import default_json, read_list, write_split_json
+from detector.data.card_yaml import card_text, foreign_keys, parse_names, read_card_yaml, split_folders
+from detector.data.coco_json import category_names, find_images
+from detector.data.derived import default_json, list_base, write_split_json
 from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +42,7 @@ CARD_KEYS = {"path", "train", "val", "test", "train_json", "val_json", "test_jso
 SPLITS = ("train", "val", "test")
 CONVERTERS = ("yolo",)  # the labels a missing JSON is written from; YOLO labels are found without the key too
 GENERATORS = ("shapes",)
+SAMPLED_IMAGES = 20  # a bare COCO JSON's images are looked for by this many of its file names
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ def load_data_card(spec: str | Path, datasets_dir: Path | None = None) -> DataCa
     if spec_path.suffix.lower() == ".json":
         return _card_from_json(spec_path)
     card_path = _find_card(spec_path)
-    raw = read_card_yaml(card_path)
+    raw = _without_foreign_keys(card_path, read_card_yaml(card_path))
     datasets_dir = datasets_root(datasets_dir)
     card = _resolve(card_path.stem, raw, datasets_dir, card_path.parent)
     if not _dataset_present(card):
@@ -143,6 +153,27 @@ def _find_card(spec: Path) -> Path:
     raise DataError(f"data card {spec} not found: give a YAML or COCO JSON path, or one of: {available}")
 
 
+def _without_foreign_keys(card_path: Path, raw: dict) -> dict:
+    """The card's keys less those another tool wrote for itself (the module docstring), named in one line."""
+    ignored = foreign_keys(raw, CARD_KEYS)
+    if ignored:
+        logger.info("data card %s: ignoring %s: written by another tool for itself, not card keys or training "
+                    "settings", card_path, ", ".join(ignored))
+    return {key: value for key, value in raw.items() if key not in ignored}
+
+
+def _below_root(root: Path, entry: str) -> Path:
+    """root / entry, but for an entry starting with ../ whose place does not exist: root / the rest, as Ultralytics
+    reads it (a Roboflow export's data.yaml sits beside the train/ it names ../train/images)."""
+    path = root / entry
+    if not entry.startswith("../") or path.exists():
+        return path
+    inside = root / entry[3:]
+    if inside.exists():
+        logger.info("%s does not exist: using %s", path, inside)
+    return inside
+
+
 def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> DataCard:
     """Card keys -> paths (nothing is checked on disk yet, but for the image lists a split may name)."""
     splits = {split: split_folders(name, raw, split) for split in SPLITS}
@@ -167,11 +198,11 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
             paths[split] = (None, None)
             continue
         if len(folders) == 1 and folders[0].lower().endswith(".txt"):  # a list of images
-            listed[split] = root / folders[0]
-            images = _list_base(listed[split])
+            listed[split] = _below_root(root, folders[0])
+            images = list_base(listed[split])
             default = f"annotations/instances_{Path(folders[0]).stem}.json"
         elif len(folders) == 1:
-            images, default = root / folders[0], default_json(folders[0])
+            images, default = _below_root(root, folders[0]), default_json(folders[0])
         else:  # one JSON for all of them, its file names relative to the folder they share
             merged[split] = [root / folder for folder in folders]
             images = Path(os.path.commonpath(merged[split]))
@@ -181,15 +212,6 @@ def _resolve(name: str, raw: dict, datasets_dir: Path, card_folder: Path) -> Dat
                     val_images=paths["val"][0], val_json=paths["val"][1], names=names, settings=settings,
                     test_images=paths["test"][0], test_json=paths["test"][1], merged=merged,
                     listed=listed)
-
-
-def _list_base(path: Path) -> Path:
-    """The folder a .txt list's images share (their file names in the JSON are relative to it); the list's own
-    folder while the list does not exist."""
-    if not path.is_file():
-        return path.parent
-    folders = {file.parent for file in read_list(path)}
-    return Path(os.path.commonpath(sorted(folders)))
 
 
 def _dataset_present(card: DataCard) -> bool:
@@ -247,31 +269,25 @@ def _unpack(zip_path: Path, root: Path, safe_extract) -> None:
 def _names_from_json(json_path: Path) -> list[str]:
     try:
         with open(json_path, encoding="utf-8") as file:
-            categories = json.load(file)["categories"]
-        return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+            return category_names(json_path, json.load(file))
+    except (OSError, ValueError) as err:
         raise DataError(f"cannot read category names from {json_path}: {err}") from err
 
 
 def _card_from_json(json_path: Path) -> DataCard:
-    """A bare COCO JSON: train and val are that file; images in ../images/<split> or beside the JSON."""
+    """A bare COCO JSON: train and val are that file; its images where the first of them are
+    (coco_json.find_images)."""
     json_path = json_path.resolve()
     if not json_path.is_file():
         raise DataError(f"annotation file {json_path} not found")
-    folder = json_path.parent
-    candidates = []
-    if folder.name == "annotations":
-        stem = json_path.stem.removeprefix("instances_")
-        candidates += [folder.parent / "images" / stem, folder.parent / stem, folder.parent / "images"]
-    candidates.append(folder)
     try:
         with open(json_path, encoding="utf-8") as file:
-            first = (json.load(file).get("images") or [{}])[0].get("file_name", "")
-    except (OSError, ValueError, AttributeError, TypeError) as err:
-        raise DataError(f"annotation file {json_path} is not a COCO instances JSON: {err}") from err
-    # The folder that holds the first image wins; else the first that exists.
-    images = next((c for c in candidates if first and (c / first).is_file()),
-                  next((c for c in candidates if c.is_dir()), folder))
+            data = json.load(file)
+        file_names = [str(image["file_name"]) for image in data.get("images", [])[:SAMPLED_IMAGES]]
+        names = category_names(json_path, data)
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as err:
+        raise DataError(f"annotation file {json_path} is not a COCO instances JSON: {err!r}") from err
+    folder = json_path.parent
     root = folder.parent if folder.name == "annotations" else folder
-    names = _names_from_json(json_path)
+    images = find_images(json_path, file_names)
     return DataCard(json_path.stem, root, images, json_path, images, json_path, names, {})

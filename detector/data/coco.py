@@ -25,6 +25,7 @@ from detector.errors import DataError
 
 logger = logging.getLogger(__name__)
 
+NAMED_ORPHANS = 5  # a warning names this many of the annotations whose image_id no image has
 CACHE_AUTO_SHARE = 0.1  # cache=auto keeps the decoded images when they need at most this share of free RAM
 
 
@@ -155,7 +156,7 @@ class CocoDataset:
             DataError: no usable image.
         """
         class_of = {category_id: index for index, category_id in enumerate(self.category_ids)}
-        image_records = self._scan_images(list(coco.imgs.values()), skip_bad_images)
+        image_records = self._scan_images(coco, skip_bad_images)
         counts = {"crowd": 0, "unknown category": 0, "degenerate": 0}
         self.paths: list[Path] = []
         self.image_ids: list[int] = []
@@ -169,9 +170,9 @@ class CocoDataset:
         if not self.paths:
             raise DataError(f"annotation file {self.annotation_json} has no usable images: its 'images' list is "
                             "empty or every image was skipped; check the file and the image folder")
-        known = set(coco.imgs)
-        counts["unknown image"] = sum(a["image_id"] not in known for a in coco.dataset["annotations"])
-        self._warn_dropped(counts)
+        orphans = [a["id"] for a in coco.dataset["annotations"] if a["image_id"] not in coco.imgs]
+        counts["unknown image id"] = len(orphans)
+        self._warn_dropped(counts, orphans)
         if not any(len(t) for t in self.targets):
             logger.warning("%s has no boxes: training on it learns background only, and validating on it scores 0",
                            self.annotation_json.name)
@@ -186,14 +187,15 @@ class CocoDataset:
                     "kept in RAM" if fits else f"over the budget of {budget / 2**30:.2f} GiB: read from disk")
         return fits
 
-    def _scan_images(self, records: list[dict], skip_bad_images: bool) -> list[tuple[dict, tuple[int, int]]]:
+    def _scan_images(self, coco: COCO, skip_bad_images: bool) -> list[tuple[dict, tuple[int, int]]]:
         """Probes every image; returns (record, (height, width)) of the good ones."""
-        good, bad, resized = [], [], 0
-        for record in records:
+        good, bad, resized, lost_boxes = [], [], 0, 0
+        for record in coco.imgs.values():
             try:
                 size = probe_image(self.images_dir / record["file_name"])
             except DataError:
                 bad.append(str(self.images_dir / record["file_name"]))
+                lost_boxes += sum(not a.get("iscrowd", 0) for a in coco.imgToAnns.get(record["id"], []))
                 continue
             stored = (record.get("height"), record.get("width"))
             resized += None not in stored and stored != size
@@ -208,16 +210,21 @@ class CocoDataset:
                             f"{listed}; "
                             "fix or remove them, or set skip_bad_images=true")
         if bad:
-            logger.warning("skipping %d missing or unreadable images of %s (first: %s)", len(bad),
-                           self.annotation_json.name, bad[0])
+            logger.warning("skipping %d missing or unreadable %s of %s and the %d %s on them (first: %s)", len(bad),
+                           "image" if len(bad) == 1 else "images", self.annotation_json.name, lost_boxes,
+                           "box" if lost_boxes == 1 else "boxes", bad[0])
         return good
 
-    def _warn_dropped(self, counts: dict[str, int]) -> None:
+    def _warn_dropped(self, counts: dict[str, int], orphans: list[int]) -> None:
+        """One warning for the boxes dropped, by reason; those of images the JSON lacks named by annotation id."""
         dropped = {k: v for k, v in counts.items() if v and k != "crowd"}
         if dropped:
             total = sum(dropped.values())
+            ids = ", ".join(map(str, orphans[:NAMED_ORPHANS])) + (", ..." if len(orphans) > NAMED_ORPHANS else "")
+            named = {"unknown image id": f": annotation {'id' if len(orphans) == 1 else 'ids'} {ids}"}  # to find them
+            reasons = [f"{v} {k}{named.get(k, '')}" for k, v in dropped.items()]
             logger.warning("%s: dropped %d %s (%s)", self.annotation_json.name, total, "box" if total == 1 else "boxes",
-                           ", ".join(f"{v} {k}" for k, v in dropped.items()))
+                           ", ".join(reasons))
         if counts["crowd"]:
             logger.info("%s: %d crowd %s not trained on", self.annotation_json.name, counts["crowd"],
                         "box" if counts["crowd"] == 1 else "boxes")

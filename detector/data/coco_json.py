@@ -6,11 +6,14 @@ Each mistake is a DataError naming the file, the record and the field, before an
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import Counter
 from pathlib import Path
 
 from detector.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 def load_coco_json(path: Path) -> dict:
@@ -50,6 +53,14 @@ def load_coco_json(path: Path) -> dict:
     return data
 
 
+def category_names(path: Path, data: dict) -> list[str]:
+    """The category names of the COCO JSON dict read from `path`, in id order."""
+    try:
+        return [str(c["name"]) for c in sorted(data["categories"], key=lambda c: c["id"])]
+    except (KeyError, TypeError) as err:
+        raise DataError(f"cannot read category names from {path}: {err!r}") from err
+
+
 def _check_records(path: Path, key: str, records: list, fields: dict[str, type]) -> None:
     for index, record in enumerate(records):
         if not isinstance(record, dict):
@@ -60,3 +71,29 @@ def _check_records(path: Path, key: str, records: list, fields: dict[str, type])
                 problem = ("is missing" if field not in record
                            else f"is {type(value).__name__}, not {kind.__name__}")
                 raise DataError(f"annotation file {path}: {key}[{index}].{field} {problem}")
+
+
+def find_images(json_path: Path, file_names: list[str]) -> Path:
+    """The folder a bare COCO JSON's file names are relative to: of ../images/<split>, ../<split> and ../images
+    (beside an annotations/ folder), the JSON's own folder and the images/ folder beside it, the one that holds
+    the most of its first images (the first such on a tie).
+
+    Raises:
+        DataError: none holds any of them; the message names where it looked and how to point at the images.
+    """
+    folder = json_path.parent
+    candidates = []
+    if folder.name == "annotations":
+        split = json_path.stem.removeprefix("instances_")
+        candidates += [folder.parent / "images" / split, folder.parent / split, folder.parent / "images"]
+    candidates += [folder, folder / "images"]
+    if not file_names:
+        return folder  # no images: the dataset says so
+    found = [sum((candidate / name).is_file() for name in file_names) for candidate in candidates]
+    if not max(found):
+        raise DataError(f"the images of {json_path} (first: {file_names[0]}) are in none of "
+                        f"{', '.join(map(str, candidates))}; put them in one, or name their folder in a data card: "
+                        f"train: <image folder>, train_json: {json_path}")
+    images = candidates[found.index(max(found))]
+    logger.info("%s: its images are in %s", json_path.name, images)
+    return images

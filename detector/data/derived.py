@@ -54,6 +54,15 @@ def read_list(path: Path) -> list[Path]:
     return files
 
 
+def list_base(path: Path) -> Path:
+    """The folder a .txt list's images share (their file names in the JSON are relative to it); the list's own
+    folder while the list does not exist."""
+    if not path.is_file():
+        return path.parent
+    folders = {file.parent for file in read_list(path)}
+    return Path(os.path.commonpath(sorted(folders)))
+
+
 def write_split_json(card_name: str, names: list[str], root: Path, images: Path, json_path: Path, *,
                      folders: list[Path] | None = None, listed: Path | None = None) -> None:
     """Writes a split's COCO JSON when it is missing, or when it was written here and its sources changed.

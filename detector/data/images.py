@@ -1,5 +1,6 @@
-"""Reading image files: checking one without decoding it, its size from the header, and decoding it (at 1/2, 1/4 or
-1/8 of each side when the caller shrinks it anyway). The dataset, the converter and predict's sources share them.
+"""Reading image files: checking one without decoding it, its size from the header, whether a JPEG or PNG is cut
+short, and decoding it (at 1/2, 1/4 or 1/8 of each side when the caller shrinks it anyway). The dataset, the
+converter and predict's sources share them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from detector.errors import DataError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}  # the files taken as images
 EXIF_ORIENTATION = 0x0112
 _SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
-_JPEG_EOI = b"\xff\xd9"
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8\xff", b"\xff\xd9"
+_PNG_SIGNATURE, _PNG_IEND = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"  # IEND: its type, then its fixed CRC
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -73,10 +75,44 @@ def reduction_for(height: int, width: int, size: int | None) -> int:
 
 
 def _ends_with_eoi(path: Path) -> bool:
+    return _head_and_tail(path)[1].rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
+
+
+def _head_and_tail(path: Path) -> tuple[bytes, bytes]:
+    """The first 8 and the last 64 bytes of a file."""
     with open(path, "rb") as file:
-        file.seek(max(path.stat().st_size - 64, 0))
-        tail = file.read()
-    return tail.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI)
+        head = file.read(8)
+        file.seek(max(file.seek(0, 2) - 64, 0))
+        return head, file.read()
+
+
+def truncation(path: Path) -> str | None:
+    """Why a JPEG or PNG file is incomplete, or None when it is whole (or of another format, not checked).
+
+    OpenCV decodes a JPEG cut short into a picture grey below the cut and says so only on stderr. A JPEG must end
+    with its end-of-image marker (FF D9), a PNG with its IEND chunk; a file that does not (cut short, or followed
+    by bytes of something else) is decoded fully with PIL to decide, so only suspect files pay for a second decode.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+    head, tail = _head_and_tail(path)
+    if head.startswith(_JPEG_SOI):
+        if tail.rstrip(b"\x00\r\n ").endswith(_JPEG_EOI):
+            return None
+        missing = "its end-of-image marker FF D9"
+    elif head == _PNG_SIGNATURE:
+        if tail.endswith(_PNG_IEND):
+            return None
+        missing = "its IEND chunk"
+    else:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()  # raises "image file is truncated" for a file cut short
+    except _PIL_ERRORS:
+        return f"it is cut short: it ends before {missing}"
+    return None
 
 
 READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,

@@ -1,7 +1,8 @@
 """Samples -> Batch, and the DataLoader that makes them.
 
 Each sample draws its randomness from a generator seeded by (seed, epoch, index), so the batches of
-an epoch are the same whatever the number of workers or the order they run in.
+an epoch are the same whatever the number of workers or the order they run in; data/batches.py orders an
+epoch's images into batches and gives each its side (multi_scale).
 """
 
 from __future__ import annotations
@@ -10,21 +11,22 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from detector.data.augment import TrainTransform, letterbox, rect_shape
+from detector.data.batches import TrainBatchSampler, scale_sides
 from detector.data.coco import CocoDataset, Target
 from detector.device import cpu_share
 
 logger = logging.getLogger(__name__)
 
-AUGMENT_KEYS = ("mosaic", "degrees", "translate", "scale", "shear", "fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v")
+AUGMENT_KEYS = ("mosaic", "mixup", "degrees", "translate", "scale", "shear", "fliplr", "flipud", "hsv_h", "hsv_s",
+                "hsv_v")
 
 
 @dataclass
@@ -33,7 +35,8 @@ class Batch:
 
     Attributes:
         images: uint8 (B, 3, H, W) RGB, channels_last in memory (device.prepare_images sets the format); training
-            batches are S x S, validation batches the rectangle of their images (see DetectionDataset.batch_by_shape).
+            batches are S x S (S the batch's side: imgsz, or with multi_scale one drawn per batch), validation
+            batches the rectangle of their images (see DetectionDataset.batch_by_shape).
         targets: float32 (N, 6) rows [batch_index, class, x1, y1, x2, y2] in input pixels.
         image_ids: int64 (B,) COCO image ids.
         scales: float32 (B,) letterbox scale (input = original * scale + pad); 1 for training samples.
@@ -84,7 +87,7 @@ class DetectionDataset(Dataset):
             image_size: Output side S in pixels.
             seed: Seed of the augmentation randomness.
             augment: TrainTransform keyword arguments (keys of AUGMENT_KEYS); others are ignored.
-            mosaic: False switches mosaic off whatever augment says (the last close_mosaic epochs).
+            mosaic: False switches mosaic and mixup off whatever augment says (the last close_mosaic epochs).
             fraction: Use this leading fraction of a seeded permutation of the images (0 < f <= 1).
         """
         self.dataset = dataset
@@ -93,7 +96,7 @@ class DetectionDataset(Dataset):
         self.seed = seed
         options = {k: v for k, v in (augment or {}).items() if k in AUGMENT_KEYS}
         if not mosaic:
-            options["mosaic"] = 0.0
+            options["mosaic"] = options["mixup"] = 0.0
         self.transform = TrainTransform(image_size, **options) if train else None
         count = len(dataset)
         if fraction < 1.0:
@@ -128,11 +131,13 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> Sample:
+    def __getitem__(self, item: int | tuple[int, int]) -> Sample:
+        """The sample at `item`: a position, or (position, side) from a TrainBatchSampler (training at that side)."""
+        position, side = item if isinstance(item, tuple) else (item, self.image_size)
         index = self.indices[position]
         if self.transform is not None:
             rng = np.random.default_rng([self.seed, int(self._epoch[0]), index])
-            image, target = self.transform(self.dataset, index, rng)
+            image, target = self.transform(self.dataset, index, rng, size=side)
             return Sample(image, target, self.dataset.image_ids[index], 1.0, (0.0, 0.0),
                           self.dataset.orig_size(index))
         image, target, image_id = self.dataset.load(index, self.image_size)
@@ -165,29 +170,6 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
-class ResumableSampler(Sampler[int]):
-    """A training sampler whose epoch can start part-way, for a run resumed in the middle of an epoch.
-
-    The wrapped sampler's order depends on (seed, epoch) alone, so leaving out the first `skip`
-    indices gives exactly the batches the interrupted run had not trained on yet.
-    """
-
-    def __init__(self, sampler: Sampler[int]) -> None:
-        self.sampler = sampler
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(len(self.sampler) - self.skip, 0)
-
-
 def _seed_worker(worker_id: int) -> None:
     """Seeds the libraries a transform might use from torch's per-worker seed (base seed + worker id)."""
     seed = torch.initial_seed() % 2**32
@@ -201,7 +183,8 @@ class TrainSampling:
 
     Attributes:
         augment: TrainTransform keyword arguments (hsv_h, ..., mosaic); None for its defaults.
-        mosaic: False turns mosaic off (the last close_mosaic epochs).
+        mosaic: False turns mosaic and mixup off (the last close_mosaic epochs).
+        multi_scale: Each batch at a side drawn from image_size x [1 - f, 1 + f] (data/batches.py); 0 = off.
         fraction: Train on this fraction of the images (seeded choice).
         rank, world_size: Under DDP, this rank loads every world_size-th image of the epoch's order from
             position `rank` on (batch_size is then the per-rank batch).
@@ -210,6 +193,7 @@ class TrainSampling:
 
     augment: dict | None = None
     mosaic: bool = True
+    multi_scale: float = 0.0
     fraction: float = 1.0
     rank: int = 0
     world_size: int = 1
@@ -234,8 +218,8 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         sampling: How training samples (None: TrainSampling's defaults); validation ignores it.
 
     Returns:
-        The DataLoader; call `set_epoch(loader, epoch)` before each epoch. A training loader's sampler
-        is a ResumableSampler (a resumed epoch can skip the batches already done).
+        The DataLoader; call `set_epoch(loader, epoch)` before each epoch. A training loader's batch sampler
+        is a TrainBatchSampler (a resumed epoch can skip the batches already done).
     """
     sampling = sampling or TrainSampling()
     wrapped = DetectionDataset(dataset, train=train, image_size=image_size, seed=seed, augment=sampling.augment,
@@ -244,9 +228,10 @@ def build_dataloader(dataset: CocoDataset, *, train: bool, image_size: int, batc
         # The order of an epoch depends on (seed, epoch) alone, so a resumed run sees the same batches
         # as an uninterrupted one, and the ranks of a DDP run split one order between them: together
         # their k-th batches hold the images of a single process's k-th batch of world_size times the size.
-        sampler = ResumableSampler(DistributedSampler(wrapped, num_replicas=sampling.world_size, rank=sampling.rank,
-                                                      shuffle=True, seed=seed))
-        batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": sampling.drop_last}
+        sampler = DistributedSampler(wrapped, num_replicas=sampling.world_size, rank=sampling.rank, shuffle=True,
+                                     seed=seed)
+        batching = {"batch_sampler": TrainBatchSampler(sampler, batch_size=batch_size, drop_last=sampling.drop_last,
+                                                       sides=scale_sides(image_size, sampling.multi_scale), seed=seed)}
     else:
         batching = {"batch_sampler": wrapped.batch_by_shape(batch_size)}
     device = torch.device(device)
@@ -281,9 +266,9 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
         stopped); training loaders only.
     """
     loader.dataset.set_epoch(epoch)
-    if isinstance(loader.sampler, ResumableSampler):
-        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+    if isinstance(loader.batch_sampler, TrainBatchSampler):
+        loader.batch_sampler.set_epoch(epoch, skip_batches)
     elif skip_batches:
-        raise ValueError("only a training loader (a ResumableSampler) can skip batches")
+        raise ValueError("only a training loader (a TrainBatchSampler) can skip batches")
     elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from faster_coco_eval import COCOeval_faster as COCOeval
 from torchvision.ops import box_convert, box_iou
 
 from detector.data.coco import relabel
+from detector.data.coco_json import load_coco_json
 
 
 @contextlib.contextmanager
@@ -127,12 +127,27 @@ def coco_results(boxes_xyxy: torch.Tensor, scores: torch.Tensor, classes: torch.
 
 
 def load_ground_truth(annotation_json: Path, single_cls: bool = False, classes: list[int] | None = None) -> COCO:
-    """A COCO object for COCOeval, tolerating files that lack the optional area / iscrowd keys; single_cls and
-    classes relabel it as the dataset trained with them sees it (detector.data.coco.relabel)."""
-    with open(annotation_json, encoding="utf-8") as file:
-        data = json.load(file)
-    data = relabel(data, classes, single_cls)
-    for annotation in data.get("annotations", []):
+    """A COCO object for COCOeval from a COCO instances JSON (checked by detector.data.coco_json); single_cls and
+    classes relabel it as the dataset trained with them sees it (detector.data.coco.relabel). See
+    ground_truth_index for what is mended on the way.
+
+    Raises:
+        DataError: the file is missing or is not a COCO instances JSON.
+    """
+    return ground_truth_index(relabel(load_coco_json(Path(annotation_json)), classes, single_cls))
+
+
+def ground_truth_index(data: dict) -> COCO:
+    """A COCO object for COCOeval from a checked, relabelled COCO JSON dict (changed in place).
+
+    Annotations lacking the optional area / iscrowd keys get them, and every annotation is numbered 1..N in file
+    order, whatever id the file gives it: COCOeval marks a box no detection matched with id 0 and looks boxes up
+    by id, so a file whose ids start at 0 (several converters write them so) had its id-0 box counted as missed
+    even when detected, and a repeated id made two boxes one; with perfect detections either scored below 1.0.
+    Results never name annotation ids, so the numbering changes nothing else.
+    """
+    for number, annotation in enumerate(data["annotations"], start=1):
+        annotation["id"] = number
         x, y, w, h = annotation["bbox"]
         annotation.setdefault("area", float(w) * float(h))
         annotation.setdefault("iscrowd", 0)

@@ -23,8 +23,9 @@ from detector.autobatch.choose import Decision, choose_batch
 from detector.autobatch.memory import MemoryProbe, probe_for
 from detector.data.augment import letterbox, rect_shape
 from detector.device import autocast, device_ops, prepare_images
+from detector.inference.batching import iter_batches
 from detector.inference.results import Result
-from detector.inference.sources import Frame, iter_batches, open_source
+from detector.inference.sources import Frame, open_source
 from detector.model.postprocess import Detections, decode, letterbox_to_original, non_max_suppression
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _to_result(item: _Letterboxed, found: Detections, names: list[str], category
     keep_image = not frame.path or frame.frame is not None
     return Result(frame.path, frame.index, xyxy, found.scores.float().cpu().numpy(),
                   found.classes.cpu().numpy().astype(np.int64), list(names), list(category_ids), frame.frame,
-                  frame.image if keep_image else None, (height, width))
+                  frame.image if keep_image else None, (height, width), frame.incomplete)
 
 
 class _InOrder:
@@ -138,7 +139,7 @@ def predict(forward: Forward, source, *, names: list[str], category_ids: list[in
             max_det: int = 300, rect: bool = True, classes: list[int] | None = None) -> Iterator[Result]:
     """Detect objects in every frame of `source`, `batch` frames per forward pass; results in source order.
 
-    Frames are read and letterboxed in a background thread and grouped as they arrive (sources.iter_batches);
+    Frames are read and letterboxed in a background thread and grouped as they arrive (batching.iter_batches);
     with `max_wait_ms` a batch goes to the model at most that long after its first frame arrived, full or not.
 
     Args:

@@ -32,6 +32,8 @@ class Result:
         image: the original uint8 (H, W, 3) BGR image, kept when it cannot be read again from `path`
             (arrays and video frames); None for image files.
         size: (height, width) of the original image.
+        incomplete: the image file is cut short (truncated): the detections are of the part that decoded, the rest
+            being grey; predict warned, naming the file.
     """
 
     path: str
@@ -44,6 +46,7 @@ class Result:
     frame: int | None = None
     image: np.ndarray | None = None
     size: tuple[int, int] | None = None
+    incomplete: bool = False
 
     @property
     def labels(self) -> list[str]:

@@ -1,35 +1,32 @@
-"""Where images to run on come from: files, folders, globs, videos, arrays or any iterable of them, read
-in a background thread and grouped into batches as they arrive.
+"""Where images to run on come from: files, folders, globs, videos, arrays or any iterable of them.
 
-    source -> frames (open_source) -> groups of up to `batch` frames (iter_batches) -> the model
+    source -> frames (open_source) -> groups of up to `batch` frames (batching.iter_batches) -> the model
 
-A frame is one image in the order of the source; a video contributes one frame per decoded picture.
-Reading (decoding, letterboxing) runs ahead of the model in a thread, so that the model's time and the
-disk's overlap, and a slow stream (a camera, a generator that waits for uploads) does not hold a
-half-full batch for ever: `max_wait_ms` bounds how long the first frame of a batch waits for the rest.
+A frame is one image in the order of the source; a video contributes one frame per decoded picture. Nothing is
+decoded before it is asked for, so that the reading can run ahead of the model in a thread (inference/batching.py).
+
+A file that cannot be read stops the source when the user named it, and is skipped with a warning naming it when
+it was found in a folder or by a glob. A JPEG or PNG cut short is used as far as it decodes, with a warning naming
+it, and its frame says so (Frame.incomplete).
 """
 
 from __future__ import annotations
 
 import glob
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import cv2
 import numpy as np
 
-from detector.data.images import IMAGE_SUFFIXES, READ_FLAGS, header_size, reduction_for
+from detector.data.images import IMAGE_SUFFIXES, READ_FLAGS, header_size, reduction_for, truncation
 from detector.errors import DataError
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
+logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-U = TypeVar("U")
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 
 
 @dataclass
@@ -44,6 +41,7 @@ class Frame:
         reduction: 1, or 2, 4 or 8 when a file was decoded at that fraction of each side (open_source's
             decode_size); its content is then scaled by exactly 1 / reduction.
         size: (height, width) of the image as the file holds it, when decoded smaller; None: image's own.
+        incomplete: the file is cut short (images.truncation): `image` is what decoded, grey past the cut.
     """
 
     image: np.ndarray
@@ -52,6 +50,7 @@ class Frame:
     frame: int | None = None
     reduction: int = 1
     size: tuple[int, int] | None = None
+    incomplete: bool = False
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -68,7 +67,7 @@ def list_files(source: str | Path) -> list[Path]:
     suffixes = IMAGE_SUFFIXES | VIDEO_SUFFIXES
     if not text:  # Path("") is the current folder, which the user did not name
         raise DataError("predict source is empty: give an image, a video, a folder or a glob pattern")
-    if any(ch in text for ch in "*?["):
+    if _is_pattern(text):
         paths = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
     elif Path(text).is_dir():
         paths = sorted(Path(text).iterdir())
@@ -85,12 +84,19 @@ def list_files(source: str | Path) -> list[Path]:
     return files
 
 
-def _items(source) -> Iterator[str | Path | np.ndarray]:
-    """The source flattened to single files and arrays, lazily (a generator is consumed as it yields)."""
+def _is_pattern(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _items(source) -> Iterator[tuple[Path | np.ndarray, bool]]:
+    """The source flattened to single files and arrays, lazily (a generator is consumed as it yields), each with
+    whether the user named it (an array, a file given by its path) rather than it being found in a folder or glob."""
     if isinstance(source, np.ndarray):
-        yield source
+        yield source, True
     elif isinstance(source, str | Path):
-        yield from list_files(source)
+        named = not _is_pattern(str(source)) and Path(source).is_file()
+        for path in list_files(source):
+            yield path, named
     elif isinstance(source, Iterable):
         for item in source:
             yield from _items(item)
@@ -99,20 +105,50 @@ def _items(source) -> Iterator[str | Path | np.ndarray]:
                         "an image array (H, W, 3) or a list or iterable of them")
 
 
-def _video_frames(path: Path) -> Iterator[tuple[np.ndarray, int]]:
+def _file_frames(path: Path, index: int, decode_size: int | None) -> Iterator[Frame]:
+    """The frames of one image or video file, numbered from `index`.
+
+    Raises:
+        DataError: at once, before any frame, when the file cannot be read.
+    """
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        return iter([_image_frame(path, index, decode_size)])
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
+        capture.release()
         raise DataError(f"cannot open video {path}: missing, empty or in a format OpenCV cannot decode")
+    return _video_frames(capture, path, index)
+
+
+def _video_frames(capture: cv2.VideoCapture, path: Path, index: int) -> Iterator[Frame]:
     try:
         number = 0
         while True:
             ok, image = capture.read()
             if not ok:
                 return
-            yield image, number
+            yield Frame(image, index + number, str(path), number)
             number += 1
     finally:
         capture.release()
+
+
+def _image_frame(path: Path, index: int, decode_size: int | None) -> Frame:
+    """One image file, decoded smaller when it is at least twice decode_size; one cut short is kept as far as it
+    decoded, with a warning naming it (OpenCV's own line on stderr may sit beside another file's)."""
+    size = header_size(path) if decode_size else None
+    reduction = reduction_for(*size, decode_size) if size else 1
+    image = cv2.imread(str(path), READ_FLAGS[reduction])
+    try:
+        problem = truncation(path)
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {err.strerror or err}") from err
+    if image is None:
+        raise DataError(f"cannot read image {path}: {problem or 'empty or not an image'}")
+    if problem:
+        logger.warning("image %s is incomplete, its detections cover the part that decoded: %s", path, problem)
+    return Frame(image, index, str(path), reduction=reduction, size=size if reduction > 1 else None,
+                 incomplete=problem is not None)
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:
@@ -129,9 +165,11 @@ def open_source(source, decode_size: int | None = None) -> Iterator[Frame]:
     of any of these (read lazily: nothing is decoded before it is asked for). An image file whose longest side
     is at least twice `decode_size` is decoded smaller, as training and validation decode it (images.reduction_for).
 
+    A file that cannot be decoded is skipped, with a warning naming it, when it was found in a folder or by a glob.
+
     Raises:
-        DataError: a path that does not exist (at once when the source is one path), a file that cannot
-            be decoded, or an item of another type.
+        DataError: a path that does not exist (at once when the source is one path), a file named by its path
+            that cannot be decoded, or an item of another type.
     """
     if isinstance(source, str | Path):
         list_files(source)  # a wrong path fails here, not at the first frame
@@ -140,22 +178,21 @@ def open_source(source, decode_size: int | None = None) -> Iterator[Frame]:
 
 def _frames(source, decode_size: int | None) -> Iterator[Frame]:
     index = 0
-    for item in _items(source):
+    for item, named in _items(source):
         if isinstance(item, np.ndarray):
             yield Frame(_as_bgr(item), index)
             index += 1
-        elif item.suffix.lower() in VIDEO_SUFFIXES:
-            for image, number in _video_frames(item):
-                yield Frame(image, index, str(item), number)
-                index += 1
-        else:
-            size = header_size(item) if decode_size else None
-            reduction = reduction_for(*size, decode_size) if size else 1
-            image = cv2.imread(str(item), READ_FLAGS[reduction])
-            if image is None:
-                raise DataError(f"cannot read image {item}: missing, empty or not an image")
-            yield Frame(image, index, str(item), reduction=reduction, size=size if reduction > 1 else None)
-            index += 1
+            continue
+        try:
+            frames = _file_frames(item, index, decode_size)
+        except DataError as err:
+            if named:
+                raise
+            logger.warning("%s; skipped it, the other files go on", err)
+            continue
+        for frame in frames:
+            yield frame
+            index = frame.index + 1
 
 
 def count_frames(source) -> int | None:
@@ -177,94 +214,3 @@ def _video_length(path: Path) -> int:
         return max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 1)
     finally:
         capture.release()
-
-
-_END = object()
-
-
-def iter_batches(items: Iterable[T], batch: int, max_wait_ms: float | None = None,
-                 transform: Callable[[T], U] | None = None) -> Iterator[list[U]]:
-    """Group `items` into lists of up to `batch`, in order, while a background thread reads ahead.
-
-    A group is handed on when it is full, when the items end, or `max_wait_ms` after its first item
-    arrived (None: wait until it is full). Items that arrived while the consumer was busy are taken at
-    once, so a slow stream gets small, prompt batches and a fast one full batches.
-
-    Args:
-        items: any iterable; it is iterated in the reading thread only.
-        batch: most items per group (>= 1).
-        max_wait_ms: longest wait (ms) of a group's first item for the others; None waits until the
-            group is full, 0 hands on whatever has arrived.
-        transform: applied to each item in the reading thread (e.g. decoding and letterboxing).
-
-    Yields:
-        Lists of transformed items; concatenated, they are all the items in their order.
-
-    Raises:
-        Whatever iterating `items` or `transform` raised, after the groups read before it.
-    """
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    ready: queue.Queue = queue.Queue(maxsize=2 * batch)  # bounded: a long video is not read into memory
-    stop = threading.Event()
-    thread = threading.Thread(target=_read_ahead, args=(items, transform, ready, stop), name="detector-source",
-                              daemon=True)
-    thread.start()
-    try:
-        yield from _group(ready, batch, max_wait_ms)
-    finally:
-        stop.set()  # the reader ends at its next put; a consumer that stops early leaves no thread behind
-
-
-def _read_ahead(items: Iterable, transform: Callable | None, ready: queue.Queue, stop: threading.Event) -> None:
-    """The reading thread: (arrival time, item, None) per item, then (time, _END, the error that ended the items
-    or None). Returns early once `stop` is set."""
-    try:
-        for item in items:
-            if not _put(ready, stop, (time.monotonic(), transform(item) if transform else item, None)):
-                return
-    except BaseException as err:  # handed to the consumer, which raises it in its own thread
-        _put(ready, stop, (time.monotonic(), _END, err))
-        return
-    _put(ready, stop, (time.monotonic(), _END, None))
-
-
-def _put(ready: queue.Queue, stop: threading.Event, entry: tuple) -> bool:
-    """Put `entry` once there is room; False when `stop` was set first."""
-    while not stop.is_set():
-        try:
-            ready.put(entry, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _group(ready: queue.Queue, batch: int, max_wait_ms: float | None) -> Iterator[list]:
-    """Groups from a queue of (arrival time, item, error) entries; the item _END closes the stream."""
-    while True:
-        arrived, item, error = ready.get()
-        if item is _END:
-            _finish(error)
-            return
-        group, ended, error = [item], False, None
-        deadline = None if max_wait_ms is None else arrived + max_wait_ms / 1000
-        while len(group) < batch:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            try:
-                _, item, error = ready.get(timeout=timeout) if timeout is None or timeout > 0 else ready.get_nowait()
-            except queue.Empty:
-                break
-            if item is _END:
-                ended = True
-                break
-            group.append(item)
-        yield group
-        if ended:
-            _finish(error)
-            return
-
-
-def _finish(error: BaseException | None) -> None:
-    if error is not None:
-        raise error

@@ -24,6 +24,7 @@ from detector.train.engine import StepContext
 from detector.train.optim import ModelEMA, Schedule, build_optimizer
 from detector.train.plan import Plan
 from detector.train.resume import resume_checkpoint
+from detector.train.tensorboard import summary_writer_class
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,10 @@ def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | 
     Returns the config, the data card, on resume the checkpoint to continue from, and otherwise the model=<.pt>
     checkpoint to start from (each read once).
     """
-    select_device(check_values(overrides).get("device", ""))  # fail on a bad value before any data is touched
+    values = check_values(overrides)
+    select_device(values.get("device", ""))  # fail on a bad value before any data is touched
+    if values.get("tensorboard"):
+        summary_writer_class()  # without the package: one error naming the pip command
     checkpoint, ckpt_args, overrides = resume_checkpoint(overrides)
     model = str(overrides.get("model", ""))
     # An unusable file fails here, before the data card fetches, converts or scans anything.
@@ -43,6 +47,8 @@ def resolve_config(overrides: dict[str, Any]) -> tuple[Config, DataCard, dict | 
     card = load_data_card(str(data_spec))
     check_keys(card.settings, source=f"key in data card {data_spec}:")  # a card's other keys are settings
     config = make_config(card.settings, ckpt_args, overrides)
+    if config.tensorboard:
+        summary_writer_class()  # asked by the data card or the resumed run
     if checkpoint is None and start is None and config.model.endswith(".pt"):
         start = load_checkpoint(config.model)  # named by the data card
     return config, card, checkpoint, start
@@ -121,7 +127,9 @@ def build_step_context(config: Config, plan: Plan, model: nn.Module, criterion: 
                               amp_dtype=amp_dtype, channels_last=config.channels_last, grad_clip=config.grad_clip)
 
 
-def worst_case_boxes(dataset: CocoDataset, mosaic: float) -> int:
-    """The most boxes one training sample can hold: a mosaic joins four images, so the four densest."""
+def worst_case_boxes(dataset: CocoDataset, mosaic: float, mixup: float) -> int:
+    """The most boxes one training sample can hold: a mosaic joins four images, so the four densest; mixup blends
+    two samples, so twice that (the eight densest with mosaic)."""
     counts = sorted(len(t) for t in dataset.targets)
-    return sum(counts[-4:]) if mosaic > 0 else counts[-1] if counts else 0
+    images = (4 if mosaic > 0 else 1) * (2 if mixup > 0 else 1)
+    return sum(counts[-images:]) if counts else 0

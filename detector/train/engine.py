@@ -190,9 +190,11 @@ def optimizer_step(ctx: StepContext) -> None:
 
 
 
-def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_size: int,
-                    progress: bool = True, stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, progress: bool = True,
+                    stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
     """Train over `loader` once; returns the epoch's mean loss items (loss_box, loss_cls, loss_dfl).
+
+    The progress bar shows each batch's side (multi_scale varies it from batch to batch).
 
     An epoch may span two runs. `stop` is asked after every batch; once it says True the epoch ends
     there and None is returned, with the batches done and their loss sums in ctx.state for a
@@ -217,7 +219,7 @@ def train_one_epoch(ctx: StepContext, loader, *, epoch: int, epochs: int, image_
         if progress and count:
             means = " ".join(f"{k.removeprefix('loss_')} {v / count:.3f}" for k, v in sums.items())
             bar.set_description(f"epoch {epoch + 1}/{epochs} mem {memory_text(ctx.device)} {means} "
-                                f"inst {len(batch.targets)} size {image_size}", refresh=False)
+                                f"inst {len(batch.targets)} size {batch.images.shape[-1]}", refresh=False)
         if stop is not None and stop():
             bar.close()
             state.epoch_sums, state.epoch_count = sums, count

@@ -26,6 +26,7 @@ from detector.autobatch.choose import VERIFY_STEPS, AutoBatchError, Decision, ch
 from detector.autobatch.memory import MemoryProbe, probe_for
 from detector.autobatch.records import gib
 from detector.config import Config
+from detector.data.batches import scale_sides
 from detector.device import amp_dtype_for, device_ops
 from detector.inference.predict import make_inference_step
 from detector.train.probe import make_probe_step
@@ -41,7 +42,8 @@ class Plan:
 
     device: str
     threads: int
-    image_size: int  # imgsz rounded up to the stride: what every stage (cache, loader, probe) works at
+    image_size: int  # imgsz rounded up to the stride: what every stage (cache, loader, validation) works at
+    max_image_size: int  # the largest side of a training batch: image_size, or with multi_scale the largest drawn
     batch: int  # the global batch: images per training step over all ranks
     rank_batch: int  # images per step on each rank (batch / world_size): the loader's batch size
     accumulate: int  # batches per optimizer step
@@ -88,7 +90,8 @@ def make_plan(config: Config, device: torch.device, threads: int, *, image_size:
     amp_dtype = amp_dtype_for(config.amp, device)
     if val_batch:
         val_batch = min(val_batch, host_val_cap(image_size, config.workers))
-    return Plan(device=str(device), threads=threads, image_size=image_size, batch=batch, rank_batch=rank_batch,
+    return Plan(device=str(device), threads=threads, image_size=image_size,
+                max_image_size=largest_train_side(image_size, config), batch=batch, rank_batch=rank_batch,
                 accumulate=accumulate, batches_per_epoch=batches_per_epoch, weight_decay=weight_decay,
                 optimizer=optimizer, lr0=lr0,
                 warmup_iters=warmup_iters, amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else "none",
@@ -107,13 +110,19 @@ def host_val_cap(image_size: int, workers: int) -> int:
     return max(int(HOST_SHARE * psutil.virtual_memory().available / (queued * per_image)), 1)
 
 
+def largest_train_side(image_size: int, config: Config) -> int:
+    """The largest side a training batch can have: what AutoBatch must fit (multi_scale draws sides up to it)."""
+    return max(scale_sides(image_size, config.multi_scale))
+
+
 BATCHNORM_FLOOR = 8  # images per device below which BatchNorm's batch statistics get noisy (unless SyncBN)
 
 
 def autobatch_key(config: Config, model: nn.Module, *, image_size: int, device_name: str, capacity: int,
                   max_boxes: int, world_size: int, amp_dtype: torch.dtype | None) -> dict:
     """What an AutoBatch decision depends on; a saved decision is reused only when all of it matches."""
-    return {"model": dict(model.model_args), "imgsz": image_size, "amp_dtype": str(amp_dtype),
+    return {"model": dict(model.model_args), "imgsz": image_size,
+            "train_imgsz": largest_train_side(image_size, config), "amp_dtype": str(amp_dtype),
             "channels_last": config.channels_last, "optimizer": config.optimizer, "ema": config.ema,
             "deterministic": config.deterministic, "lr_policy": config.lr_policy, "nbs": config.nbs,
             "fraction": config.auto_batch_fraction, "max_boxes": max_boxes, "device": device_name,
@@ -127,8 +136,9 @@ def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device
     """AutoBatch's training and validation batches for this run, measured now or reused from
     run_dir/autobatch.json.
 
-    The training probe is the training step at the worst case training meets: the training image size,
-    the most boxes any training sample can hold (`max_boxes`: with mosaic, four images' worth), and the
+    The training probe is the training step at the worst case training meets: the largest training batch side
+    (with multi_scale, image_size x (1 + multi_scale) rounded down to the stride), the most boxes any training
+    sample can hold (`max_boxes`: with mosaic four images' worth, with mixup twice that), and the
     training AMP, memory format, optimizer, EMA and clipping. The validation probe is a forward pass without
     gradients, decoding and NMS at its worst case. On CPU images/s takes part in both choices (memory rarely
     limits there), and the training batch stays between the BatchNorm floor (8 images per rank) and, under
@@ -153,12 +163,13 @@ def auto_batch(config: Config, model: nn.Module, criterion: nn.Module, *, device
               "val": (val_size, 1)}  # (max batch, first sample): two samples fit under the cap
     decisions = []
     for phase, label in (("train", "training"), ("val", "validation")):
-        step = _probe_step(phase, config, model, criterion, probe, device=device, image_size=image_size,
+        size = key["train_imgsz"] if phase == "train" else image_size  # validation runs at image_size alone
+        step = _probe_step(phase, config, model, criterion, probe, device=device, image_size=size,
                            num_classes=num_classes, max_boxes=max_boxes, amp_dtype=amp_dtype)
         max_batch, start = limits[phase]
         # On CPU the tracker's peak is the same every step: one verification step says it all.
         decisions.append(choose_batch(step, probe, fraction=config.auto_batch_fraction, max_batch=max_batch,
-                                      start=start, measure_throughput=throughput, image_size=image_size,
+                                      start=start, measure_throughput=throughput, image_size=size,
                                       verify_steps=1 if throughput else VERIFY_STEPS, label=label))
         del step  # frees the probe's model copies, optimizer state and EMA before the next one
         probe.cleanup()

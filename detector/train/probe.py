@@ -61,12 +61,9 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
         device: the training device.
         amp_dtype: autocast dtype of training, None for full precision.
         channels_last: whether training uses the channels-last memory format.
-        optimizer_name: "SGD" or "AdamW", as in training (AdamW keeps twice the state).
-        ema: whether training keeps an EMA of the weights.
-        grad_clip: max gradient norm of training (0 = off).
+        optimizer_name, ema, grad_clip: the optimizer ("SGD" or "AdamW"), EMA and clipping of training.
         seed: seed of the random inputs (the same inputs at every call make samples comparable).
-        inputs: inputs(b) -> (uint8 images (b, 3, S, S), targets (N, 6)) to use instead of the random
-            worst case (e.g. a real batch, to time the step on typical data).
+        inputs: inputs(b) -> (uint8 images (b, 3, S, S), targets (N, 6)) instead of the random worst case.
 
     Returns:
         step(b): runs the step on b images; on CUDA it synchronizes before returning.
@@ -75,17 +72,8 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
         raise ValueError(f"probe step needs max_boxes >= 1 and image_size >= 32, got {max_boxes}, {image_size}")
     device = torch.device(device)
     ops = device_ops(device)
-    net = copy.deepcopy(model).to(device).train()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    # lr is tiny: the copy's weights do not matter, and random data must not drive them to inf.
-    optimizer = build_optimizer(net, name=optimizer_name, lr=1e-6, momentum=0.9, weight_decay=5e-4)
-    schedule = Schedule(lr0=1e-6, lrf=1.0, epochs=1, iters_per_epoch=1, warmup_iters=0, warmup_bias_lr=0.0,
-                        warmup_momentum=0.9, momentum=0.9, accumulate=1)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ctx = StepContext(model=net, criterion=criterion.rank_local(), optimizer=optimizer, schedule=schedule,
-                      scaler=scaler, ema=ModelEMA(net) if ema else None, device=device, amp_dtype=amp_dtype,
-                      channels_last=channels_last, grad_clip=grad_clip)
+    ctx = _probe_context(model, criterion, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
+                         optimizer_name=optimizer_name, ema=ema, grad_clip=grad_clip)
 
     def step(batch: int) -> None:
         ctx.optimizer.zero_grad(set_to_none=True)  # a step that ran out of memory may have left gradients
@@ -105,3 +93,17 @@ def make_probe_step(model: nn.Module, criterion: nn.Module, *, image_size: int, 
     return step
 
 
+def _probe_context(model: nn.Module, criterion: nn.Module, *, device: torch.device, amp_dtype: torch.dtype | None,
+                   channels_last: bool, optimizer_name: str, ema: bool, grad_clip: float) -> StepContext:
+    """A training context on a copy of the model, with the run's optimizer kind, EMA, AMP and a rank-local loss."""
+    net = copy.deepcopy(model).to(device).train()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    # lr is tiny: the copy's weights do not matter, and random data must not drive them to inf.
+    optimizer = build_optimizer(net, name=optimizer_name, lr=1e-6, momentum=0.9, weight_decay=5e-4)
+    schedule = Schedule(lr0=1e-6, lrf=1.0, epochs=1, iters_per_epoch=1, warmup_iters=0, warmup_bias_lr=0.0,
+                        warmup_momentum=0.9, momentum=0.9, accumulate=1)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return StepContext(model=net, criterion=criterion.rank_local(), optimizer=optimizer, schedule=schedule,
+                       scaler=scaler, ema=ModelEMA(net) if ema else None, device=device, amp_dtype=amp_dtype,
+                       channels_last=channels_last, grad_clip=grad_clip)

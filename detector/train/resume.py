@@ -13,7 +13,7 @@ from detector.train.checkpoint import load_checkpoint
 logger = logging.getLogger(__name__)
 
 # Settings a resumed run takes from the command line; every other one continues as the run was configured.
-CHANGEABLE = ("device", "workers", "threads", "epochs", "save_period")
+CHANGEABLE = ("device", "workers", "threads", "epochs", "save_period", "tensorboard")
 # Settings that only say where the run is.
 LOCATING = ("resume", "project", "name", "exist_ok")
 

@@ -26,7 +26,7 @@ from detector import distributed
 from detector.atomic import atomic_write_text
 from detector.data.augment import round_image_size
 from detector.data.loader import AUGMENT_KEYS, TrainSampling, build_dataloader, set_epoch
-from detector.device import select_device
+from detector.device import device_ops, select_device
 from detector.evaluate import validate
 from detector.evaluate.metrics import DetectionMetrics, load_ground_truth
 from detector.evaluate.plots import plot_batch, plot_labels
@@ -42,11 +42,13 @@ from detector.train.build import (
 )
 from detector.train.checkpoint import load_checkpoint, save_checkpoint
 from detector.train.engine import train_one_epoch
+from detector.train.epochs import mosaic_epochs, refit_epochs
 from detector.train.history import epoch_row, write_history
 from detector.train.interrupt import StopRequest
 from detector.train.plan import Plan, auto_batch, make_plan, record_first_epoch, watch_first_epoch
 from detector.train.probe import make_probe_step
 from detector.train.run_state import restore_training_state, save_epoch, training_state
+from detector.train.tensorboard import FIRST_PICTURES, TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self.ground_truth = load_ground_truth(self.val_data.annotation_json, config.single_cls, self.classes)
+        self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard" if config.tensorboard and self.main else None,
+                                          first_epoch=self.start_epoch, config=config.to_dict(), plan=asdict(self.plan))
         if self.main:
             atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         logger.info("run folder %s; %s", self.run_dir, ", ".join(f"{k}={v}" for k, v in asdict(self.plan).items()))
@@ -117,9 +121,9 @@ class Trainer:
                              batch=int(config.batch), world_size=world)
         self.autobatch = train, val = auto_batch(
             config, self.model, self.criterion, device=self.device, image_size=self.image_size,
-            num_classes=len(self.names), max_boxes=worst_case_boxes(self.train_data, config.mosaic), world_size=world,
+            num_classes=len(self.names), max_boxes=worst_case_boxes(self.train_data, config.mosaic, config.mixup),
             train_size=math.ceil(self.train_size / world), val_size=len(self.val_data), run_dir=self.run_dir,
-            save=self.main)
+            save=self.main, world_size=world)
         per_rank = distributed.agree_on_batch(train.batch, self.device)
         return make_plan(config, self.device, threads, image_size=self.image_size, train_size=self.train_size,
                          batch=per_rank * world, batch_source=train.decided_by, val_batch=val.batch, world_size=world)
@@ -128,8 +132,8 @@ class Trainer:
                       ) -> Callable[[int], None]:
         """This run's training step on model copies, as AutoBatch measures it: on `inputs(b)` or the worst case."""
         config = self.config
-        return make_probe_step(self.model, self.criterion, image_size=self.plan.image_size,
-                               max_boxes=max(worst_case_boxes(self.train_data, config.mosaic), 1),
+        return make_probe_step(self.model, self.criterion, image_size=self.plan.max_image_size,
+                               max_boxes=max(worst_case_boxes(self.train_data, config.mosaic, config.mixup), 1),
                                num_classes=len(self.names),
                                device=self.device, amp_dtype=self.ctx.amp_dtype, channels_last=config.channels_last,
                                optimizer_name=self.plan.optimizer, ema=config.ema, grad_clip=config.grad_clip,
@@ -143,13 +147,14 @@ class Trainer:
                     f", batch {self.ctx.state.epoch_batches + 1}" if self.ctx.state.epoch_batches else "")
 
     def loader(self, train: bool, mosaic: bool = True):
-        """The training (augmented, shuffled) or validation (letterboxed) DataLoader of this run."""
+        """The training (augmented, shuffled; mosaic=False: neither mosaic nor mixup) or validation DataLoader."""
         config, plan = self.config, self.plan
         if not train:
             return build_dataloader(self.val_data, train=False, image_size=plan.image_size, batch_size=plan.val_batch,
                                     workers=config.workers, seed=config.seed, device=self.device)
         sampling = TrainSampling(augment={k: getattr(config, k) for k in AUGMENT_KEYS}, mosaic=mosaic,
-                                 fraction=config.fraction, rank=distributed.rank(), world_size=self.world)
+                                 multi_scale=config.multi_scale, fraction=config.fraction, rank=distributed.rank(),
+                                 world_size=self.world)
         return build_dataloader(self.train_data, train=True, image_size=plan.image_size, batch_size=plan.rank_batch,
                                 workers=config.workers, seed=config.seed, device=self.device, sampling=sampling)
 
@@ -163,23 +168,23 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> dict[str, float]:
-        config = self.config
-        epochs = self.ctx.schedule.epochs
-        mosaic = self.start_epoch < self._close_at(epochs) and config.mosaic > 0
+        config, epochs = self.config, self.ctx.schedule.epochs
+        mosaic = (config.mosaic or config.mixup) > 0 and self.start_epoch < mosaic_epochs(epochs, config.close_mosaic,
+                                                                                           log=True)
         train_loader = self.loader(True, mosaic=mosaic)
         val_loader = self.loader(False) if self.main else None
         if config.plots and self.start_epoch == 0 and self.main:
             self._plot_first_batches(train_loader)
         stale, epoch, run_start = 0, self.start_epoch, time.perf_counter()
         while epoch < epochs:
-            if mosaic and epoch >= self._close_at(epochs):
-                logger.info("closing mosaic for the last %d epochs", epochs - epoch)
+            if mosaic and epoch >= mosaic_epochs(epochs, config.close_mosaic):
+                logger.info("closing mosaic and mixup for the last %d epochs", epochs - epoch)
                 mosaic, train_loader = False, self.loader(True, mosaic=False)
-            set_epoch(train_loader, epoch, skip_batches=self.ctx.state.epoch_batches)
+            set_epoch(train_loader, epoch, skip_batches=(skipped := self.ctx.state.epoch_batches))
+            self.tensorboard.start_epoch(device_ops(self.device))
             watch = self.autobatch is not None and epoch == 0 and watch_first_epoch(self.device)
             start = time.perf_counter()
-            losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs,
-                                     image_size=self.plan.image_size, progress=self.progress,
+            losses = train_one_epoch(self.ctx, train_loader, epoch=epoch, epochs=epochs, progress=self.progress,
                                      stop=self._stop_requested)
             if losses is None:
                 self._stop_here(epoch)
@@ -194,13 +199,14 @@ class Trainer:
                 stale = 0 if improved else stale + 1
             distributed.average_gradients(self.model)  # a save inside an accumulation window stores rank 0's
             if self.main:
-                self._record(epoch, losses, metrics, train_time, time.perf_counter() - start)
+                self._record(epoch, losses, metrics, train_time, time.perf_counter() - start, skipped)
                 self._save(epoch, improved)
             if self._stop_requested():  # the signal came during validation or the save
                 self._stop_here(epoch)
             epoch += 1
             if config.time:
-                epochs = self._refit_epochs(epoch, time.perf_counter() - run_start)
+                epochs = refit_epochs(config.time, done=epoch, start_epoch=self.start_epoch,
+                                      elapsed=time.perf_counter() - run_start, epochs=epochs)
             epochs, stop = distributed.broadcast((epochs, bool(config.patience and stale >= config.patience)))
             if epochs != self.ctx.schedule.epochs:
                 self.ctx.schedule = replace(self.ctx.schedule, epochs=epochs)
@@ -208,18 +214,6 @@ class Trainer:
                 logger.info("no improvement for %d epochs: stopping early", stale)
                 break
         return self._finish(val_loader)
-
-    def _close_at(self, epochs: int) -> int:
-        return max(epochs - self.config.close_mosaic, 0)
-
-    def _refit_epochs(self, done: int, elapsed: float) -> int:
-        """Fit the number of epochs to the time budget, and the lr schedule to that number."""
-        per_epoch = elapsed / max(done - self.start_epoch, 1)
-        remaining = self.config.time * 3600 - elapsed
-        epochs = done + max(int(remaining / per_epoch + 0.3), 0)
-        if epochs != self.ctx.schedule.epochs:
-            logger.info("time budget %.2f h: %.1f s per epoch -> %d epochs", self.config.time, per_epoch, epochs)
-        return epochs
 
     def evaluate(self, loader, final: bool = False) -> DetectionMetrics:
         """COCO metrics of the EMA weights, Conv+BN fused; `final` adds the per-class table and, with plots, images."""
@@ -231,12 +225,15 @@ class Trainer:
                                  plot_dir=self.run_dir if self.config.plots else None).metrics
 
     def _record(self, epoch: int, losses: dict[str, float], metrics: DetectionMetrics | None, train_time: float,
-                epoch_time: float) -> None:
-        """Append the epoch's row to results.csv (rewritten atomically) and redraw results.png."""
+                epoch_time: float, skipped: int) -> None:
+        """Append the epoch's row to results.csv (rewritten atomically), redraw results.png, and with tensorboard
+        log the row there with the images/s of the epoch's batches after the `skipped` ones (a resumed epoch's)."""
         self.rows.append(epoch_row(epoch, losses, metrics, train_time=train_time, epoch_time=epoch_time,
                                    lr=self.ctx.optimizer.param_groups[0]["lr"],
                                    optimizer_steps=self.ctx.state.optimizer_steps))
         write_history(self.run_dir, self.rows, oom_events=self.ctx.state.oom_events, plots=self.config.plots)
+        self.tensorboard.epoch(self.rows[-1], images=max(self.train_size - skipped * self.plan.batch, 0),
+                               ops=device_ops(self.device), batch=self.plan.batch, accumulate=self.plan.accumulate)
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """This run's checkpoint after `epoch` (0-based) as plain data (train/run_state.py)."""
@@ -277,6 +274,7 @@ class Trainer:
         logger.info("best.pt (epoch %d): mAP50-95 %.4f mAP50 %.4f; results in %s", best["epoch"],
                     metrics.map50_95, metrics.map50, self.run_dir)
         atomic_write_text(self.run_dir / "metrics.json", json.dumps({**result, **metrics.details()}, indent=1))
+        self.tensorboard.close(self.run_dir, step=len(self.rows))
         return result
 
     def _plot_first_batches(self, loader) -> None:
@@ -284,6 +282,7 @@ class Trainer:
         plot_batch(batch.images, batch.targets, self.names, self.run_dir / "train_batch0.jpg")
         boxes, classes = self.train_data.all_boxes(self.plan.image_size)
         plot_labels(classes, boxes, self.plan.image_size, self.names, self.run_dir / "labels.png")
+        self.tensorboard.pictures(self.run_dir, FIRST_PICTURES, step=0)
 
 
 def train(overrides: dict[str, Any], progress: bool = True) -> dict[str, float]:
