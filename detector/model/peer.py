@@ -26,7 +26,8 @@ from torch import nn
 
 from detector.data.convert import category_ids_for
 from detector.errors import DetectorError
-from detector.model.network import C2f, Detector
+from detector.model.blocks import C2f
+from detector.model.network import Detector
 from detector.model.yolo11 import C2PSA
 
 logger = logging.getLogger(__name__)

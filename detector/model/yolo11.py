@@ -1,8 +1,8 @@
 """The YOLO11 family: the same PAN topology and box branch as network.py's YOLOv8-like detector, other blocks.
 
     backbone  stem and four stride-2 stages of Conv + C3k2 blocks; SPPF, then C2PSA (attention) at stride 32
-    neck      PAN as in network.Neck, with C3k2 blocks (residual bottlenecks)
-    head      network.Head's box branch; the class branch runs a depthwise 3x3 before each pointwise conv
+    neck      PAN as in blocks.Neck, with C3k2 blocks (residual bottlenecks)
+    head      blocks.Head's box branch; the class branch runs a depthwise 3x3 before each pointwise conv
 
 Built from YOLO11's published structure (layer types, channels, repeats), so a peer checkpoint of the family maps
 onto it tensor for tensor (detector/model/peer.py). Scales n..x: cfg/models/yolo11*.yaml.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from detector.model.network import SPPF, Bottleneck, C2f, ConvBlock, Head, Neck
+from detector.model.blocks import SPPF, Bottleneck, C2f, ConvBlock, Head, Neck
 
 # YOLO11 runs every C3k2 on C3k blocks at these scales, and only the marked ones at the smaller scales.
 LARGE_SCALES = ("m", "l", "x")
@@ -131,7 +131,7 @@ class C2PSA(nn.Module):
 class Backbone(nn.Module):
     """Input (B, 3, H, W) -> features at strides 8, 16, 32 with channels[3], channels[3], channels[4].
 
-    The attribute names are network.Backbone's, so Detector.blocks counts YOLO11's layers 0-10 (freeze=10 leaves
+    The attribute names are blocks.Backbone's, so Detector.blocks counts YOLO11's layers 0-10 (freeze=10 leaves
     C2PSA training, as YOLO11's freeze=10 does).
     """
 
@@ -152,7 +152,7 @@ class Backbone(nn.Module):
 
 
 class DepthwiseClassHead(Head):
-    """network.Head with YOLO11's lighter class branch: (depthwise 3x3, pointwise 1x1) twice, then the logits."""
+    """blocks.Head with YOLO11's lighter class branch: (depthwise 3x3, pointwise 1x1) twice, then the logits."""
 
     def __init__(self, in_channels: list[int], num_classes: int, reg_max: int):
         super().__init__(in_channels, num_classes, reg_max)
