@@ -18,7 +18,8 @@ USAGE = """usage: detector train [key=value ...]      train (python train.py is 
        detector predict model=best.pt source=PATH [conf=0.25 batch=8 max_wait_ms=50 save_dir=DIR save_txt=DIR
                                                     classes=0,2]
        detector export model=best.pt [imgsz=640 file=best.onnx layout=detector|yolov8]   ONNX (detector[export])
-       detector benchmark batches=2,4,8,16,-1 [key=value ...]   what batch size does to speed, memory, mAP
+       detector benchmark batches=2,4,8,16,-1 [seeds=0,1 policies=nbs,sqrt budget=SECONDS key=value ...]
+                                              what batch size does to speed, memory, mAP
        detector convert images=DIR labels=DIR out=FILE.json names=data.yaml   YOLO txt -> COCO JSON
        detector help                          every setting with its default
        detector --version                     the installed version"""
@@ -60,11 +61,9 @@ def _run(command: str, argv: list[str]) -> int:
     if command in ("val", "predict", "export"):
         return _inference(command, argv)
     if command == "benchmark":
-        from detector.benchmark import benchmark
+        from detector.benchmark import run_cli
 
-        overrides = parse_cli([a for a in argv if not a.startswith("batches=")])
-        batches = [a.partition("=")[2] for a in argv if a.startswith("batches=")]
-        benchmark(batches[-1] if batches else "2,4,8,16,-1", **overrides)
+        run_cli(argv)
         return 0
     raise DetectorError(f"unknown command '{command}': use train, val, predict, export, benchmark, convert or help")
 
