@@ -173,11 +173,11 @@ def test_seeds_train_each_batch_twice_and_the_table_summarizes_them(tiny, tmp_pa
 
 
 def test_policies_and_an_equal_time_budget(tiny, tmp_path):
-    rows = benchmark("8", policies="nbs,none", budget=1, progress=False, epochs=3, project=str(tmp_path),
+    rows = benchmark("8", policies="nbs,none", budget=0.01, progress=False, epochs=3, project=str(tmp_path),
                      name="p", **tiny)
     assert [r["lr_policy"] for r in rows] == ["nbs", "none"]
     assert [r["accumulate"] for r in rows] == [2, 1]
-    assert all(r["epochs"] == 1 for r in rows)  # 1 s of budget is spent after the first epoch
+    assert all(r["epochs"] == 1 for r in rows)  # 10 ms of budget are spent by the first epoch, however fast
     table = (tmp_path / "p" / "table.md").read_text()
     assert "| nbs | 8 |" in table and "| none | 8 |" in table
     assert "within the same wall-clock budget" in table
