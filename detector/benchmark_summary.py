@@ -185,8 +185,9 @@ def summary_table(groups: list[Group], noise_scale: float) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """The benchmark rows as a markdown table, and the noise-scale hint under it."""
-    head = ("| batch asked | batch | decided by | lr policy | accumulate | images/step | lr0 | epochs | s/epoch "
-            "| train img/s | step img/s | peak GiB | optimizer steps | mAP50-95 | mAP50 | B_simple |")
+    head = ("| batch asked | seed | batch | device batch | decided by | lr policy | accumulate | images/step | lr0 "
+            "| epochs | s/epoch | train img/s | step img/s | peak GiB | capacity GiB | optimizer steps | run s "
+            "| mAP50-95 | mAP50 | B_simple |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row, c) for c in COLUMNS) + " |")
