@@ -30,7 +30,7 @@ roboflow:
   project: hard-hat-sample
   version: 2
   license: CC BY 4.0
-  url: https://universe.roboflow.com/hard-hat-workers/hard-hat-sample/dataset/2
+  url: roboflow-universe/hard-hat-workers/hard-hat-sample/dataset/2  # what the export names; never fetched
 """
 SPLIT_SIZES = {"train": 6, "valid": 3, "test": 2}
 
@@ -107,7 +107,7 @@ def test_a_misspelt_setting_beside_the_roboflow_block_is_still_an_error(tmp_path
 
 
 def test_metadata_keys_and_blocks_are_ignored_in_one_line_and_settings_kept(tmp_path, detector_log):
-    card = make_export(tmp_path / "export", ROBOFLOW_YAML + "license: CC BY 4.0\nurl: https://example.com/d\n"
+    card = make_export(tmp_path / "export", ROBOFLOW_YAML + "license: CC BY 4.0\nurl: example-site/d\n"
                                                             "epochs: 3\nextra:\n  exported_by: labeltool\n")
     config, data, _, _ = resolve_config({"data": str(card)})
     assert config.epochs == 3 and data.settings == {"epochs": 3}

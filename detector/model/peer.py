@@ -13,10 +13,11 @@ writes (model_args, model, names, category_ids, config), so training, val, predi
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import pickle
 import re
-import types
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,17 +78,37 @@ class PeerObject:
         self.state = state
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that imports nothing: see ALLOWED_GLOBALS and PLACEHOLDER_MODULES."""
+# torch's storage classes as a checkpoint names them, and the dtype of their elements.
+STORAGE_DTYPES = {f"{name}Storage": dtype for name, dtype in (
+    ("Half", torch.float16), ("Float", torch.float32), ("Double", torch.float64), ("BFloat16", torch.bfloat16),
+    ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+    ("Byte", torch.uint8), ("Bool", torch.bool))}
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that imports nothing (see ALLOWED_GLOBALS and PLACEHOLDER_MODULES) and reads tensor storages
+    from the checkpoint's zip archive itself: torch.load is never asked to unpickle anything but plain data."""
+
+    def __init__(self, file: Any, archive: zipfile.ZipFile | None = None, prefix: str = ""):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
         self.placeholders: dict[str, type[PeerObject]] = {}
+
+    def persistent_load(self, pid: Any) -> torch.storage.TypedStorage:
+        if self.archive is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                                        and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"it holds a persistent id {str(pid)[:60]} that is not a tensor storage")
+        _, dtype, key, _location, _numel = pid
+        data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+        untyped = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
     def find_class(self, module: str, name: str) -> Any:
         module = "builtins" if module == "__builtin__" else module  # protocol 2 pickles name Python 2's module
         if (module, name) in ALLOWED_GLOBALS:
             return ALLOWED_GLOBALS[(module, name)]
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
         if module.startswith(PLACEHOLDER_MODULES) or (module, name) in PLACEHOLDER_GLOBALS:
             path = f"{module}.{name}"
             if path not in self.placeholders:
@@ -96,12 +117,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it names {module}.{name}, which no detection checkpoint holds")
 
 
-def _pickle_module() -> types.ModuleType:
-    """What torch.load's pickle_module needs: Unpickler (torch subclasses it to resolve storages) and load."""
-    module = types.ModuleType("detector_restricted_pickle")
-    module.Unpickler = RestrictedUnpickler
-    module.load = lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load()
-    return module
+def _unpickle(path: str | Path) -> Any:
+    """The pickle of torch's zip checkpoint format (<prefix>/data.pkl, storages in <prefix>/data/<key>)."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise pickle.UnpicklingError("it is not in torch's zip checkpoint format")
+        prefix = pickles[0].removesuffix("data.pkl")
+        if archive.namelist().count(f"{prefix}byteorder") and archive.read(f"{prefix}byteorder") != b"little":
+            raise pickle.UnpicklingError("its tensors are big-endian")
+        return RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix).load()
 
 
 def read_peer_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -111,7 +136,7 @@ def read_peer_checkpoint(path: str | Path) -> dict[str, Any]:
         DetectorError: the pickle names a global outside the allowed set, or the file is unreadable.
     """
     try:
-        state = torch.load(path, map_location="cpu", pickle_module=_pickle_module(), weights_only=False)
+        state = _unpickle(path)
     except pickle.UnpicklingError as err:
         raise DetectorError(f"checkpoint {path} was refused: {err}; nothing from it was run") from err
     except Exception as err:  # torch raises RuntimeError, EOFError, TypeError... for a broken or crafted file
